@@ -1,0 +1,3 @@
+"""dfkd: data-free adversarial knowledge distillation."""
+
+__version__ = "0.1.0"

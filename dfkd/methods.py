@@ -1,0 +1,35 @@
+"""Objectives: they turn network outputs into named losses and nothing more.
+
+A method never calls backward, step, zero_grad or .item(); the trainer owns every gradient
+mechanic. Each `*_losses` returns a dict of scalar tensors with the total under "loss".
+"""
+from __future__ import annotations
+
+import torch
+
+from dfkd.config import MethodConfig
+from dfkd.losses import LOSSES
+from dfkd.registry import Registry
+
+METHODS: Registry = Registry("method")
+
+
+@METHODS.register("adversarial")
+class Adversarial:
+    """The DFAD / ZSKT game: the generator maximizes a discrepancy that the student minimizes."""
+
+    def __init__(self, cfg: MethodConfig):
+        self.discrepancy = LOSSES.get(cfg.loss)
+        self.temperature = cfg.temperature
+
+    def generator_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        d = self.discrepancy(student_logits, teacher_logits, self.temperature)
+        return {"loss": -d, "discrepancy": d}
+
+    def student_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        d = self.discrepancy(student_logits, teacher_logits, self.temperature)
+        return {"loss": d}
+
+
+def build_method(cfg: MethodConfig):
+    return METHODS.get(cfg.name)(cfg)

@@ -1,0 +1,130 @@
+"""Teachers: trained from a recipe (and cached, keyed by the recipe) or loaded from a checkpoint.
+
+A classifier checkpoint holds `state_dict` and `meta` (arch, dataset, classes, input shape,
+normalization, test accuracy), so a student saved by dfkd can serve as a teacher too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dfkd.checkpoint import load_safe, load_weights, save_atomic
+from dfkd.config import DataConfig, TeacherConfig
+from dfkd.data import Dataset
+from dfkd.errors import DfkdError
+from dfkd.evaluate import accuracy
+from dfkd.models import build_classifier
+
+RECIPE_VERSION = 1  # bump when training code changes what a recipe produces
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DFKD_CACHE", "~/.cache/dfkd")).expanduser()
+
+
+def classifier_meta(arch: str, dataset: Dataset, test_acc: float, **extra) -> dict:
+    info = dataset.info
+    return {
+        "arch": arch,
+        "dataset": dataset.name,
+        "num_classes": info.num_classes,
+        "in_channels": info.channels,
+        "image_size": dataset.image_size,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "test_acc": test_acc,
+        **extra,
+    }
+
+
+def save_classifier(path: str | Path, model: nn.Module, meta: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({"state_dict": state, "meta": meta}, path)
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
+    ckpt = load_safe(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
+        raise DfkdError(f"{path} is not a dfkd classifier checkpoint (expected keys 'state_dict' and 'meta')")
+    meta = ckpt["meta"]
+    model = build_classifier(meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"])
+    load_weights(model, ckpt["state_dict"], f"checkpoint {str(path)!r}")
+    return model, meta
+
+
+def recipe_key(data: DataConfig, teacher: TeacherConfig) -> str:
+    recipe = {"v": RECIPE_VERSION, "data": dataclasses.asdict(data), "teacher": dataclasses.asdict(teacher)}
+    recipe["teacher"].pop("checkpoint")
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{data.name}-{teacher.arch}-{digest}"
+
+
+def train_classifier(cfg: TeacherConfig, dataset: Dataset, device: torch.device, progress: bool = True) -> nn.Module:
+    """Adam with a cosine schedule and random ±2-pixel shifts, on the dataset's train split only."""
+    torch.manual_seed(cfg.seed)
+    info = dataset.info
+    model = build_classifier(cfg.arch, info.channels, info.num_classes, dataset.image_size).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = -(-len(dataset.train) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
+    images, labels = dataset.train.images, dataset.train.labels
+    model.train()
+    bar = tqdm(range(cfg.epochs), desc=f"teacher {cfg.arch}", disable=not progress, unit="epoch")
+    for _ in bar:
+        order = torch.randperm(len(labels))
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            x, y = random_shift(images[idx]).to(device), labels[idx].to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model
+
+
+def random_shift(x: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
+    """Translate the whole batch by one random offset, filling with the border value."""
+    dx, dy = torch.randint(-max_shift, max_shift + 1, (2,)).tolist()
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    h, w = x.shape[-2:]
+    return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
+
+
+def check_compatible(meta: dict, dataset: Dataset, source: str) -> None:
+    expected = {"num_classes": dataset.info.num_classes, "in_channels": dataset.info.channels, "image_size": dataset.image_size}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise DfkdError(f"teacher {source} has {key}={meta.get(key)} but dataset {dataset.name} needs {value}")
+
+
+def get_teacher(
+    data: DataConfig, cfg: TeacherConfig, dataset: Dataset, device: torch.device, progress: bool = True
+) -> tuple[nn.Module, dict]:
+    """The teacher, frozen: eval mode and requires_grad False, once, for the whole run."""
+    if cfg.checkpoint:
+        model, meta = load_classifier(Path(cfg.checkpoint).expanduser())
+        check_compatible(meta, dataset, repr(cfg.checkpoint))
+    else:
+        path = cache_dir() / "teachers" / f"{recipe_key(data, cfg)}.pt"
+        if path.is_file():
+            model, meta = load_classifier(path)
+        else:
+            start = time.perf_counter()
+            model = train_classifier(cfg, dataset, device, progress)
+            meta = classifier_meta(cfg.arch, dataset, accuracy(model, dataset.test, device),
+                                   recipe=dataclasses.asdict(cfg), train_s=round(time.perf_counter() - start, 1))
+            save_classifier(path, model, meta)
+        meta = {**meta, "path": str(path)}
+    model = model.to(device).eval().requires_grad_(False)
+    return model, meta

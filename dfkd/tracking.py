@@ -1,0 +1,106 @@
+"""Metrics to `metrics.jsonl` and Weights & Biases.
+
+The JSONL file is the record of truth; W&B is the dashboard. Any W&B failure is reported once
+and W&B is switched off for the rest of the run: a tracker never stops training.
+"""
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from dfkd.config import TrackingConfig
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(cfg: TrackingConfig) -> str:
+    """WANDB_MODE overrides the config; online without credentials becomes offline."""
+    mode = os.environ.get("WANDB_MODE") or cfg.mode
+    if mode in ("online", "run") and not has_wandb_credentials():
+        return "offline"
+    return mode if mode in ("online", "offline", "disabled") else "offline"
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, cfg: TrackingConfig, config: dict, run_id: str, resume_step: int | None = None):
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        self.mode = resolve_mode(cfg)
+        self.run = None
+        if self.mode != "disabled":
+            self.run = self._call(self._init_wandb, run_dir, cfg, config, run_id)
+
+    def _init_wandb(self, run_dir: Path, cfg: TrackingConfig, config: dict, run_id: str):
+        import wandb
+
+        return wandb.init(
+            project=cfg.project, entity=cfg.entity, name=cfg.run_name or run_dir.name, id=run_id,
+            resume="allow", config=config, dir=str(run_dir), mode=self.mode, reinit="create_new",
+            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
+        )  # fmt: skip
+
+    def _call(self, fn, *args, **kwargs) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the dashboard is optional, training is not
+            warnings.warn(f"W&B disabled for the rest of this run: {type(err).__name__}: {err}", stacklevel=2)
+            self.run = None
+            return None
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop records past the checkpoint: they will be logged again."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    @property
+    def url(self) -> str | None:
+        if self.run is None:
+            return None
+        return getattr(self.run, "url", None) or getattr(getattr(self.run, "settings", None), "sync_dir", None)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self._call(self.run.log, metrics, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self._call(lambda: self.run.log({key: wandb.Image(str(path))}, step=step))
+
+    def summarize(self, summary: dict[str, Any]) -> None:
+        if self.run is not None:
+            self._call(self.run.summary.update, summary)
+
+    def log_model(self, path: Path, name: str, metadata: dict) -> None:
+        if self.run is not None:
+            import wandb
+
+            def log():
+                artifact = wandb.Artifact(name, type="model", metadata=metadata)
+                artifact.add_file(str(path))
+                self.run.log_artifact(artifact)
+
+            self._call(log)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self._call(self.run.finish, exit_code=exit_code)
+            self.run = None

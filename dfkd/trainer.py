@@ -1,0 +1,317 @@
+"""The training loop. It owns every gradient mechanic; methods only return losses.
+
+Gradient routing (see DESIGN.md):
+- The teacher is frozen once (eval, requires_grad False). Gradients still flow *through* it into
+  the generator; only the student step runs it under no_grad.
+- Generator step: backward(inputs=generator params), so no time goes to student or teacher
+  parameter gradients. The student stays in train mode, as in DFAD: the generator attacks the same
+  function the student step trains (the student zoo's BN layers, if any, see batch statistics).
+- Student step: generator output made under no_grad (detached); teacher under no_grad.
+- No host sync in the inner loop: losses accumulate as tensors, converted once per log interval.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from dfkd.checkpoint import load_safe, load_weights, save_atomic
+from dfkd.config import ExperimentConfig, OptimizerConfig, config_to_dict
+from dfkd.data import Dataset, load_dataset
+from dfkd.errors import DfkdError
+from dfkd.evaluate import accuracy
+from dfkd.methods import build_method
+from dfkd.models import build_classifier
+from dfkd.replay import ReplayMemory
+from dfkd.teachers import classifier_meta, get_teacher, save_classifier
+from dfkd.tracking import Tracker
+from generators import build_generator
+
+N_FIXED_SAMPLES = 64
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DfkdError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def build_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def build_schedule(opt: torch.optim.Optimizer, cfg: OptimizerConfig, iterations: int):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    avg_p, p = list(average.parameters()), list(model.parameters())
+    torch._foreach_lerp_(avg_p, p, 1.0 - decay)
+    for a, b in zip(average.buffers(), model.buffers()):
+        a.copy_(b)
+
+
+def _every(step: int, interval: int, last: int) -> bool:
+    return step % interval == 0 or step == last
+
+
+class Trainer:
+    """Data-free adversarial distillation of one teacher into one student, in `run_dir`."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, dataset: Dataset | None = None, progress: bool = True):
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.device = resolve_device(cfg.train.device)
+        self.dataset = dataset or load_dataset(cfg.data)
+        self.teacher, self.teacher_meta = get_teacher(cfg.data, cfg.teacher, self.dataset, self.device, progress)
+        torch.manual_seed(cfg.train.seed)
+        info = self.dataset.info
+        self.student = build_classifier(cfg.student.arch, info.channels, info.num_classes, cfg.data.image_size).to(self.device)
+        self.generator = build_generator(
+            cfg.generator.name, cfg.generator.latent_dim, cfg.generator.width, info.channels, cfg.data.image_size
+        ).to(self.device)
+        self.ema = copy.deepcopy(self.student).requires_grad_(False) if cfg.train.student_ema > 0 else None
+        self.method = build_method(cfg.method)
+        self.memory = ReplayMemory(cfg.method.replay_size) if cfg.method.replay_size else None
+        self.opt_s = build_optimizer(self.student.parameters(), cfg.student_optim)
+        self.opt_g = build_optimizer(self.generator.parameters(), cfg.generator_optim)
+        self.sched_s = build_schedule(self.opt_s, cfg.student_optim, cfg.train.iterations)
+        self.sched_g = build_schedule(self.opt_g, cfg.generator_optim, cfg.train.iterations)
+        self.latent_rng = torch.Generator().manual_seed(cfg.train.seed)
+        # One fixed latent batch makes sample grids comparable over time.
+        self.fixed_z = torch.randn(N_FIXED_SAMPLES, cfg.generator.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed + 1))
+        self.step = 0
+        self.wall_s = 0.0
+        self.best_acc = 0.0
+        self.run_id = uuid.uuid4().hex[:8]
+        self.teacher_acc = accuracy(self.teacher, self.dataset.test, self.device)
+
+    # ---- the game -------------------------------------------------------------------------
+    def sample_latent(self) -> torch.Tensor:
+        z = torch.randn(self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.latent_rng)
+        return z.to(self.device, non_blocking=True)
+
+    def generator_step(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """One ascent step; also returns its batch, detached, with the teacher's logits for reuse."""
+        x = self.generator(self.sample_latent())
+        teacher_logits = self.teacher(x)
+        losses = self.method.generator_losses(self.student(x), teacher_logits)
+        self.opt_g.zero_grad(set_to_none=True)
+        losses["loss"].backward(inputs=list(self.generator.parameters()))
+        self._clip(self.generator, self.cfg.generator_optim)
+        self.opt_g.step()
+        return losses, (x.detach(), teacher_logits.detach())
+
+    @torch.no_grad()
+    def synthesize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A detached synthetic batch and the teacher's logits for it."""
+        x = self.generator(self.sample_latent())
+        return x, self.teacher(x)
+
+    def student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = self.method.student_losses(self.student(x), teacher_logits)
+        self.opt_s.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self._clip(self.student, self.cfg.student_optim)
+        self.opt_s.step()
+        if self.ema is not None:
+            ema_update(self.ema, self.student, self.cfg.train.student_ema)
+        return losses
+
+    def student_batch(self, latest: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.memory is not None:
+            return self.memory.sample(self.cfg.train.batch_size, self.latent_rng)
+        return latest if self.cfg.method.reuse_samples else self.synthesize()
+
+    def iteration(self) -> dict[str, torch.Tensor]:
+        m = self.cfg.method
+        for _ in range(m.n_generator_steps):
+            g, latest = self.generator_step()
+        if self.memory is not None:
+            self.memory.add(*latest)
+        for _ in range(m.n_student_steps):
+            s = self.student_step(*self.student_batch(latest))
+        self.sched_s.step()
+        self.sched_g.step()
+        out = {f"train/loss_G": g["loss"], "train/loss_S": s["loss"]}
+        out.update({f"train/{k}": v for k, v in g.items() if k != "loss"})
+        return {k: v.detach() for k, v in out.items()}
+
+    @staticmethod
+    def _clip(model: nn.Module, cfg: OptimizerConfig) -> None:
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+
+    # ---- the loop -------------------------------------------------------------------------
+    @property
+    def deployed_student(self) -> nn.Module:
+        """What is evaluated and saved: the weight average when EMA is on, else the student."""
+        return self.ema if self.ema is not None else self.student
+
+    def fit(self) -> dict:
+        cfg = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(_yaml_dump(config_to_dict(self.cfg)))
+        tracker = Tracker(self.run_dir, self.cfg.tracking, config_to_dict(self.cfg), self.run_id,
+                          resume_step=self.step if self.step else None)  # fmt: skip
+        if self.step == 0:
+            tracker.log({"teacher/acc": self.teacher_acc}, step=0)
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        bar = tqdm(total=cfg.iterations, initial=self.step, desc="distill", disable=not self.progress, unit="it")
+        last_log = time.perf_counter()
+        start = time.perf_counter() - self.wall_s
+        try:
+            while self.step < cfg.iterations:
+                for k, v in self.iteration().items():
+                    sums[k] = sums[k] + v if k in sums else v
+                count += 1
+                self.step += 1
+                bar.update(1)
+                step, last = self.step, cfg.iterations
+                if _every(step, cfg.log_every, last):
+                    now = time.perf_counter()
+                    metrics = {k: v / count for k, v in zip(sums, torch.stack(list(sums.values())).tolist())}
+                    images = count * self.cfg.method.n_student_steps * cfg.batch_size
+                    metrics["perf/student_images_per_s"] = images / max(now - last_log, 1e-9)
+                    metrics["train/lr_S"] = self.opt_s.param_groups[0]["lr"]
+                    tracker.log(metrics, step)
+                    bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", best=f"{self.best_acc:.1f}")
+                    sums, count, last_log = {}, 0, now
+                if _every(step, cfg.eval_every, last):
+                    evals = self.evaluate()
+                    tracker.log(evals, step)
+                    bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", acc=f"{evals['eval/student_acc']:.1f}")
+                if _every(step, cfg.sample_every, last):
+                    path = self.save_samples()
+                    tracker.log_image("samples", path, step)
+                self.wall_s = time.perf_counter() - start
+                if _every(step, cfg.checkpoint_every, last):
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.wall_s = time.perf_counter() - start
+            self.save_checkpoint()
+            tracker.finish(exit_code=130)
+            bar.close()
+            raise
+        bar.close()
+        summary = self.finish(tracker)
+        tracker.finish()
+        return summary
+
+    def evaluate(self) -> dict[str, float]:
+        acc = accuracy(self.deployed_student, self.dataset.test, self.device)
+        self.best_acc = max(self.best_acc, acc)
+        evals = {"eval/student_acc": acc, "eval/best_student_acc": self.best_acc, "eval/ratio": acc / self.teacher_acc}
+        if self.ema is not None:
+            evals["eval/raw_student_acc"] = accuracy(self.student, self.dataset.test, self.device)
+        return evals
+
+    @torch.no_grad()
+    def save_samples(self) -> Path:
+        path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.generator.eval()  # eval BN: the fixed batch does not shift the running statistics
+        images = self.generator(self.fixed_z.to(self.device))
+        self.generator.train()
+        save_image(self.dataset.denormalize(images).cpu(), path, nrow=8)
+        return path
+
+    def finish(self, tracker: Tracker) -> dict:
+        acc = accuracy(self.deployed_student, self.dataset.test, self.device)
+        self.best_acc = max(self.best_acc, acc)
+        cfg = self.cfg.train
+        summary = {
+            "teacher_acc": self.teacher_acc,
+            "student_acc": acc,
+            "best_student_acc": self.best_acc,
+            "ratio": acc / self.teacher_acc,
+            "iterations": self.step,
+            "wall_s": round(self.wall_s, 2),
+            "images_per_s": round(self.step * self.cfg.method.n_student_steps * cfg.batch_size / max(self.wall_s, 1e-9), 1),
+            "teacher": self.teacher_meta.get("path") or self.cfg.teacher.checkpoint,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        student_path = self.run_dir / "student.pt"
+        meta = classifier_meta(self.cfg.student.arch, self.dataset, acc, teacher_acc=self.teacher_acc, distilled=True)
+        save_classifier(student_path, self.deployed_student, meta)
+        tracker.summarize({"best_student_acc": self.best_acc, "student_acc": acc, "teacher_acc": self.teacher_acc})
+        tracker.log_model(student_path, f"student-{self.run_id}", meta)
+        return summary
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "step": self.step,
+            "wall_s": self.wall_s,
+            "best_acc": self.best_acc,
+            "run_id": self.run_id,
+            "config": config_to_dict(self.cfg),
+            "student": self.student.state_dict(),
+            "generator": self.generator.state_dict(),
+            "opt_s": self.opt_s.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "sched_s": self.sched_s.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "latent_rng": self.latent_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.memory is not None:
+            state["memory"] = self.memory.state_dict()
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        path = self.run_dir / "checkpoints" / "last.pt"
+        save_atomic(self.state_dict(), path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_safe(path)
+        saved = state.get("config", {})
+        mine = config_to_dict(self.cfg)
+        saved_train = {**saved.get("train", {}), "iterations": None}
+        mine_train = {**mine["train"], "iterations": None}
+        diffs = [k for k in mine if k != "train" and saved.get(k) != mine[k]]
+        diffs += [f"train.{k}" for k in mine_train if saved_train.get(k) != mine_train[k]]
+        if diffs:
+            raise DfkdError(f"cannot resume {path}: config differs from the saved run in {', '.join(diffs)}")
+        load_weights(self.student, state["student"], f"student in {path}")
+        load_weights(self.generator, state["generator"], f"generator in {path}")
+        if self.ema is not None:
+            load_weights(self.ema, state["ema"], f"student average in {path}")
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
+        self.opt_s.load_state_dict(state["opt_s"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.sched_s.load_state_dict(state["sched_s"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.latent_rng.set_state(state["latent_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.wall_s, self.best_acc, self.run_id = state["step"], state["wall_s"], state["best_acc"], state["run_id"]
+
+
+def _yaml_dump(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)

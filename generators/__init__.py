@@ -1,0 +1,9 @@
+"""Generator architectures, registered by name in GENERATORS.
+
+A generator maps a latent batch (N×latent_dim) to images in the teacher's normalized input space.
+Factories take (latent_dim, width, channels, image_size).
+"""
+from generators.registry import GENERATORS, build_generator
+from generators import dcgan, dfad  # noqa: F401  (registration)
+
+__all__ = ["GENERATORS", "build_generator"]

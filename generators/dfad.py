@@ -1,0 +1,30 @@
+"""The DFAD generator (Fang et al. 2019): linear -> BN -> 2×(upsample, conv, BN, LeakyReLU) -> conv -> tanh -> BN."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dfkd.errors import DfkdError
+from generators.registry import GENERATORS
+
+
+class DFADGenerator(nn.Module):
+    def __init__(self, latent_dim: int = 100, width: int = 64, channels: int = 1, image_size: int = 32):
+        super().__init__()
+        if image_size % 4:
+            raise DfkdError(f"the dfad generator needs data.image_size divisible by 4, got {image_size}")
+        self.init_size = image_size // 4
+        self.fc = nn.Linear(latent_dim, 2 * width * self.init_size**2)
+        self.bn0 = nn.BatchNorm2d(2 * width)
+        self.block1 = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 1, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True))
+        self.block2 = nn.Sequential(nn.Conv2d(2 * width, width, 3, 1, 1), nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True))
+        # tanh then a non-affine BN: outputs are standardized per channel, like normalized real images.
+        self.head = nn.Sequential(nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.bn0(self.fc(z).view(z.shape[0], -1, self.init_size, self.init_size))
+        x = self.block1(F.interpolate(x, scale_factor=2))
+        x = self.block2(F.interpolate(x, scale_factor=2))
+        return self.head(x)
+
+
+GENERATORS.register("dfad")(DFADGenerator)

@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+
+from dfkd.config import ExperimentConfig, config_from_dict
+
+# Tests never touch the user's cache or W&B account.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dfkd_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dfkd-cache")
+    old = os.environ.get("DFKD_CACHE")
+    os.environ["DFKD_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("DFKD_CACHE", None)
+    else:
+        os.environ["DFKD_CACHE"] = old
+
+
+def tiny_config(**sections) -> ExperimentConfig:
+    """The demo setting shrunk to seconds: a one-epoch teacher, small batches, a few iterations."""
+    data = {
+        "teacher": {"epochs": 1},
+        "generator": {"width": 4},
+        "train": {"iterations": 4, "batch_size": 16, "log_every": 2, "eval_every": 2, "sample_every": 2,
+                  "checkpoint_every": 2},
+        "tracking": {"mode": "disabled"},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_from_dict(data)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

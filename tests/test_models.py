@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from dfkd.errors import DfkdError
+from dfkd.models import CLASSIFIERS, build_classifier
+from generators import GENERATORS, build_generator
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS.names() + ["torchvision.resnet18", "torchvision.mobilenet_v3_small"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_classifier_runs_forward_and_backward(name, channels):
+    torch.manual_seed(0)
+    model = build_classifier(name, channels, 7, 32)
+    out = model(torch.randn(2, channels, 32, 32))
+    assert out.shape == (2, 7)
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_lenet_half_is_half_width():
+    full = build_classifier("lenet5", 1, 10, 32)
+    half = build_classifier("lenet5_half", 1, 10, 32)
+    assert [m.out_channels for m in full.features if isinstance(m, torch.nn.Conv2d)] == [6, 16, 120]
+    assert [m.out_channels for m in half.features if isinstance(m, torch.nn.Conv2d)] == [3, 8, 60]
+
+
+def test_bad_classifier_names_and_sizes():
+    with pytest.raises(DfkdError, match="unknown classifier 'lenet6'; known: lenet5"):
+        build_classifier("lenet6", 1, 10, 32)
+    with pytest.raises(DfkdError, match="unknown torchvision model 'resnet7'"):
+        build_classifier("torchvision.resnet7", 1, 10, 32)
+    with pytest.raises(DfkdError, match="32×32"):
+        build_classifier("lenet5", 1, 10, 28)
+
+
+@pytest.mark.parametrize("name", GENERATORS.names())
+@pytest.mark.parametrize("channels, size", [(1, 32), (3, 32), (3, 16)])
+def test_every_generator_runs_forward_and_backward(name, channels, size):
+    torch.manual_seed(0)
+    gen = build_generator(name, 10, 8, channels, size)
+    x = gen(torch.randn(6, 10))
+    assert x.shape == (6, channels, size, size)
+    # the final non-affine BN standardizes each channel over the batch (normalized-input space)
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    x.pow(3).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
