@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,10 @@ def load_safe(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported global"
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if not found:  # not a pickle the weights-only reader understands: junk or truncated
+            raise DfkdError(f"checkpoint {str(path)!r} is unreadable or corrupt") from None
+        first = f"it would call {found.group(1)}"
         raise DfkdError(
             f"checkpoint {str(path)!r} holds pickled objects beyond plain weights ({first}); refusing to load it. "
             "If you trust its source, convert it once: "

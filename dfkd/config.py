@@ -64,13 +64,13 @@ class MethodConfig:
     """The adversarial game: what the generator maximizes and the student minimizes."""
 
     name: str = "adversarial"
-    loss: str = "l1"  # a registered discrepancy (dfkd.losses.LOSSES)
+    loss: str = "kl"  # a registered discrepancy (dfkd.losses.LOSSES)
     temperature: float = 1.0  # for KL-type losses
     n_student_steps: int = 5
     n_generator_steps: int = 1
     # The generator step's own batch (and its teacher logits) serves all student steps of the
     # iteration instead of a fresh batch per step: no extra generator or teacher forward at all.
-    reuse_samples: bool = False
+    reuse_samples: bool = True
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw
     # their batches from this memory (it always holds the newest batch). 0 disables it.
     replay_size: int = 0
@@ -78,7 +78,7 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 2000
+    iterations: int = 1000
     batch_size: int = 256
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto
@@ -88,7 +88,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     # Decay of an exponential moving average of the student's weights; the average is what is
     # evaluated and saved. 0 disables it.
-    student_ema: float = 0.0
+    student_ema: float = 0.99
 
 
 @dataclass
@@ -107,7 +107,7 @@ class ExperimentConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    student_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="sgd", lr=0.1))
+    student_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     generator_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -181,6 +181,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     x_train, y_train, x_test, y_test = loader(root)
 
     def split(x: np.ndarray, y: np.ndarray) -> Split:
-        return Split(to_model_input(x, info, cfg.image_size), torch.as_tensor(np.asarray(y), dtype=torch.long))
+        return Split(to_model_input(x, info, cfg.image_size), torch.tensor(np.asarray(y, dtype=np.int64)))
 
     return Dataset(cfg.name, info, cfg.image_size, split(x_train, y_train), split(x_test, y_test))

@@ -163,8 +163,11 @@ class Trainer:
         """What is evaluated and saved: the weight average when EMA is on, else the student."""
         return self.ema if self.ema is not None else self.student
 
-    def fit(self) -> dict:
+    def fit(self, stop_at: int | None = None) -> dict | None:
+        """Train to train.iterations and return the summary; or pause after step `stop_at`, with a
+        checkpoint, and return None (resume with load_checkpoint and fit again)."""
         cfg = self.cfg.train
+        stop = min(stop_at or cfg.iterations, cfg.iterations)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(_yaml_dump(config_to_dict(self.cfg)))
         tracker = Tracker(self.run_dir, self.cfg.tracking, config_to_dict(self.cfg), self.run_id,
@@ -177,7 +180,7 @@ class Trainer:
         last_log = time.perf_counter()
         start = time.perf_counter() - self.wall_s
         try:
-            while self.step < cfg.iterations:
+            while self.step < stop:
                 for k, v in self.iteration().items():
                     sums[k] = sums[k] + v if k in sums else v
                 count += 1
@@ -210,6 +213,10 @@ class Trainer:
             bar.close()
             raise
         bar.close()
+        if self.step < cfg.iterations:
+            self.save_checkpoint()
+            tracker.finish()
+            return None
         summary = self.finish(tracker)
         tracker.finish()
         return summary

@@ -46,3 +46,10 @@ def test_every_generator_runs_forward_and_backward(name, channels, size):
     assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4
     x.pow(3).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+
+
+def test_fast_upsample_equals_nearest_interpolation():
+    from generators.dfad import upsample2x
+
+    x = torch.randn(3, 4, 5, 6)
+    assert torch.equal(upsample2x(x), torch.nn.functional.interpolate(x, scale_factor=2))

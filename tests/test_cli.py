@@ -1,0 +1,76 @@
+"""The command line as a user meets it: exit codes, one-line errors, run directories, resume."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dfkd.cli import main
+
+TINY = ["teacher.epochs=1", "generator.width=4", "train.batch_size=16", "train.log_every=2", "train.eval_every=2",
+        "train.sample_every=2", "train.checkpoint_every=2", "tracking.mode=disabled", "--no-progress"]  # fmt: skip
+
+
+def test_demo_end_to_end_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--iterations", "4", *TINY]) == 0
+    printed = capsys.readouterr().out
+    for label in ["teacher acc", "student acc", "ratio", "wall time", "run dir", "W&B"]:
+        assert label in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 4 and 0 <= summary["student_acc"] <= 100
+    assert (out / "student.pt").exists() and (out / "config.yaml").exists()
+
+
+def test_run_resume_and_refuse_to_clobber(tmp_path, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("name: tiny\ntrain:\n  iterations: 2\n")
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), *TINY]) == 0
+    before = (out / "summary.json").read_bytes()
+    # an existing run is never overwritten by accident
+    assert main(["run", str(cfg), "--out", str(out), *TINY]) == 2
+    assert "exists; pass --resume" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before
+    # --resume continues it to a longer budget
+    assert main(["run", str(cfg), "--out", str(out), "--resume", "--iterations", "4", *TINY]) == 0
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 4
+    assert main(["run", str(cfg), "--out", str(out), "--overwrite", *TINY]) == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "missing.yaml"], "config file 'missing.yaml' not found"),
+        (["demo", "train.batch_size=0"], "train.batch_size must be positive, got 0"),
+        (["demo", "train.batch_sise=8"], "unknown config key 'train.batch_sise'"),
+        (["demo", "student.arch=lenet9", "--iterations", "1"], "unknown classifier 'lenet9'"),
+        (["demo", "teacher.checkpoint=/no/such.pt"], "checkpoint '/no/such.pt' not found"),
+        (["demo", "data.name=fashion_mnist", "data.root=/no/such/dir"], "data.root '/no/such/dir' does not exist"),
+        (["demo", "train.device=cuda"], "no CUDA device"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, args, message):
+    code = main([*args, "--out", str(tmp_path / "o"), *TINY] if args[0] == "demo" else args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_entry_point_help_and_list():
+    run = subprocess.run([sys.executable, "-m", "dfkd", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "demo" in run.stdout and "train-teacher" in run.stdout
+    listed = subprocess.run([sys.executable, "-m", "dfkd", "list"], capture_output=True, text=True)
+    assert "lenet5_half" in listed.stdout and "dfad" in listed.stdout
+
+
+def test_train_teacher_writes_a_checkpoint_with_metadata(tmp_path, capsys):
+    from dfkd.teachers import load_classifier
+
+    path = tmp_path / "teacher.pt"
+    assert main(["train-teacher", "teacher.epochs=1", "teacher.arch=mlp", "--out", str(path), "--no-progress"]) == 0
+    model, meta = load_classifier(path)
+    assert meta["arch"] == "mlp" and meta["num_classes"] == 10 and meta["in_channels"] == 1
+    assert meta["image_size"] == 32 and meta["mean"] == [0.1307] and meta["test_acc"] > 50
+    assert "test accuracy" in capsys.readouterr().out

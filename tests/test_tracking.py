@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from dfkd.config import TrackingConfig
+from dfkd.tracking import Tracker, resolve_mode
+from dfkd.trainer import Trainer
+
+
+def test_real_offline_wandb_run_writes_its_files(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    trainer = Trainer(tiny(tracking={"mode": "offline"}), tmp_path, progress=False)
+    summary = trainer.fit()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = {p.name for p in runs[0].rglob("*")}
+    assert any(name.endswith(".wandb") for name in files), files
+    # the run directory holds everything DESIGN.md promises
+    for name in ["config.yaml", "metrics.jsonl", "summary.json", "student.pt", "checkpoints/last.pt"]:
+        assert (tmp_path / name).exists(), name
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    assert set(summary) >= {"teacher_acc", "student_acc", "best_student_acc", "iterations", "wall_s", "images_per_s"}
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in r for r in records)
+    keys = {k for r in records for k in r if k != "step"}
+    assert keys and all(k.split("/")[0] in {"train", "eval", "perf", "teacher"} for k in keys)
+    assert {"train/loss_S", "train/loss_G", "eval/student_acc", "teacher/acc"} <= keys
+
+
+def test_online_without_credentials_goes_offline(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert resolve_mode(TrackingConfig(mode="online")) == "offline"
+    assert resolve_mode(TrackingConfig(mode="disabled")) == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode(TrackingConfig(mode="offline")) == "disabled"
+
+
+def test_a_tracker_failure_never_stops_training(tiny, tmp_path, monkeypatch):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", broken_init)
+    with pytest.warns(UserWarning, match="W&B disabled.*no route to host"):
+        summary = Trainer(tiny(), tmp_path, progress=False).fit()
+    assert summary["iterations"] == 4
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_failure_during_logging_is_contained(tmp_path):
+    class Exploding:
+        def log(self, *a, **k):
+            raise RuntimeError("socket closed")
+
+    tracker = Tracker(tmp_path, TrackingConfig(mode="disabled"), {}, "abc")
+    tracker.run = Exploding()
+    with pytest.warns(UserWarning, match="socket closed"):
+        tracker.log({"train/x": 1.0}, step=1)
+    assert tracker.run is None
+    tracker.log({"train/x": 2.0}, step=2)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
