@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -70,9 +71,18 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise DfkdError(f"cannot write to run directory {str(out)!r}: {err.strerror}; choose another --out") from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so the trainer saves a checkpoint on its way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def cmd_run(cfg, args) -> int:
     from dfkd.trainer import Trainer
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     out = args.out or Path("outputs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     _prepare_run_dir(out, args.resume, args.overwrite)
     trainer = Trainer(cfg, out, progress=not args.no_progress)
@@ -135,7 +145,14 @@ def cmd_list() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options; argparse leaves the later ones unparsed.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "list":
             return cmd_list()
@@ -149,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dfkd: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dfkd: interrupted; the last checkpoint was saved, continue with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print("dfkd: interrupted; once distillation has started a checkpoint is saved: continue with --resume", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
     except Exception as err:  # noqa: BLE001
         if args.debug:
             raise

@@ -71,6 +71,9 @@ class MethodConfig:
     # The generator step's own batch (and its teacher logits) serves all student steps of the
     # iteration instead of a fresh batch per step: no extra generator or teacher forward at all.
     reuse_samples: bool = True
+    # Generator priors (dfkd.losses.PRIORS) and their weights, added to the generator's loss to keep
+    # its samples where the teacher is confident and spread over all classes.
+    priors: dict[str, float] = field(default_factory=dict)
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw
     # their batches from this memory (it always holds the newest batch). 0 disables it.
     replay_size: int = 0
@@ -172,6 +175,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except DfkdError:
                 pass
         raise DfkdError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise DfkdError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -194,7 +202,9 @@ def _build(base: Any, data: dict, prefix: str = "") -> Any:
         if key not in names:
             raise DfkdError(f"unknown config key '{prefix}{key}'; known: {', '.join(sorted(names))}")
         current = getattr(base, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, dict) and isinstance(value, dict):  # maps merge into their defaults
+            setattr(base, key, {**current, **_coerce(value, hints[key], f"{prefix}{key}")})
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise DfkdError(f"{prefix}{key}: expected a mapping of settings, got {value!r}")
             _build(current, value, prefix=f"{prefix}{key}.")

@@ -5,12 +5,16 @@ both arguments: the generator ascends it through both networks, the student desc
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from dfkd.registry import Registry
 
 LOSSES: Registry = Registry("loss")
+# Generator priors: `(teacher_logits) -> scalar` to minimize, weighted in method.priors.
+PRIORS: Registry = Registry("generator prior")
 
 
 @LOSSES.register("l1")
@@ -41,3 +45,17 @@ def js(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -
     kl_sm = (p_s * (p_s.clamp_min(1e-12).log() - log_m)).sum(1)
     kl_tm = (p_t * (p_t.clamp_min(1e-12).log() - log_m)).sum(1)
     return 0.5 * (kl_sm + kl_tm).mean() * temperature**2
+
+
+@PRIORS.register("onehot")
+def onehot(teacher: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the teacher to its own argmax (DAFL): samples the teacher is sure about."""
+    return F.cross_entropy(teacher, teacher.argmax(1))
+
+
+@PRIORS.register("balance")
+def balance(teacher: torch.Tensor) -> torch.Tensor:
+    """Negative entropy of the batch-mean prediction (DAFL's information entropy), offset so that a
+    perfectly class-balanced batch scores 0: every class gets samples."""
+    mean = F.softmax(teacher, dim=1).mean(0)
+    return (mean * mean.clamp_min(1e-12).log()).sum() + math.log(teacher.shape[1])

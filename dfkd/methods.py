@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from dfkd.config import MethodConfig
-from dfkd.losses import LOSSES
+from dfkd.losses import LOSSES, PRIORS
 from dfkd.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -21,10 +21,15 @@ class Adversarial:
     def __init__(self, cfg: MethodConfig):
         self.discrepancy = LOSSES.get(cfg.loss)
         self.temperature = cfg.temperature
+        self.priors = {name: (PRIORS.get(name), weight) for name, weight in cfg.priors.items()}
 
     def generator_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         d = self.discrepancy(student_logits, teacher_logits, self.temperature)
-        return {"loss": -d, "discrepancy": d}
+        out = {"loss": -d, "discrepancy": d}
+        for name, (prior, weight) in self.priors.items():
+            out[f"prior_{name}"] = prior(teacher_logits)
+            out["loss"] = out["loss"] + weight * out[f"prior_{name}"]
+        return out
 
     def student_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         d = self.discrepancy(student_logits, teacher_logits, self.temperature)

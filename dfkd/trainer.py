@@ -148,7 +148,9 @@ class Trainer:
             s = self.student_step(*self.student_batch(latest))
         self.sched_s.step()
         self.sched_g.step()
-        out = {f"train/loss_G": g["loss"], "train/loss_S": s["loss"]}
+        classes = torch.bincount(latest[1].argmax(1), minlength=latest[1].shape[1])
+        # A generator collapsing onto few classes shows here first.
+        out = {"train/loss_G": g["loss"], "train/loss_S": s["loss"], "train/top_class_frac": classes.max() / classes.sum()}
         out.update({f"train/{k}": v for k, v in g.items() if k != "loss"})
         return {k: v.detach() for k, v in out.items()}
 

@@ -74,3 +74,28 @@ def test_train_teacher_writes_a_checkpoint_with_metadata(tmp_path, capsys):
     assert meta["arch"] == "mlp" and meta["num_classes"] == 10 and meta["in_channels"] == 1
     assert meta["image_size"] == 32 and meta["mean"] == [0.1307] and meta["test_acc"] > 50
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dfkd", "demo", "--out", str(out), "--iterations", "100000", *TINY,
+           "train.checkpoint_every=100000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "continue with --resume" in err
+    from dfkd.checkpoint import load_safe
+
+    step = load_safe(out / "checkpoints" / "last.pt")["step"]
+    assert 2 <= step < 100000
+    assert main(["demo", "--out", str(out), "--resume", "--iterations", str(step + 2), *TINY,
+                 "train.checkpoint_every=100000"]) == 0  # fmt: skip
+    assert json.loads((out / "summary.json").read_text())["iterations"] == step + 2

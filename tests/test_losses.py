@@ -54,3 +54,28 @@ def test_differentiable_in_both_arguments_and_zero_at_agreement(name):
 def test_unknown_loss_lists_known_names():
     with pytest.raises(DfkdError, match=r"unknown loss 'l3'; known: js, kl, l1, mse"):
         LOSSES.get("l3")
+
+
+def test_prior_golden_values():
+    from dfkd.losses import PRIORS
+
+    logits = torch.tensor(T, dtype=torch.float64)
+    # onehot: mean over rows of -log softmax at the row's argmax
+    expected = np.mean([-math.log(softmax(row, 1.0)[int(np.argmax(row))]) for row in T])
+    assert PRIORS.get("onehot")(logits).item() == pytest.approx(expected, rel=1e-9)
+    # balance: log K + sum p̄ log p̄, zero for a perfectly balanced batch
+    mean = np.mean([softmax(row, 1.0) for row in T], axis=0)
+    assert PRIORS.get("balance")(logits).item() == pytest.approx(math.log(3) + float(np.sum(mean * np.log(mean))), rel=1e-9)
+    assert PRIORS.get("balance")(torch.eye(3) * 50).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_priors_enter_the_generator_loss_with_their_weights():
+    from dfkd.config import MethodConfig
+    from dfkd.methods import build_method
+
+    s, t = torch.randn(5, 4), torch.randn(5, 4)
+    plain = build_method(MethodConfig()).generator_losses(s, t)
+    out = build_method(MethodConfig(priors={"onehot": 2.0, "balance": 0.5})).generator_losses(s, t)
+    assert torch.allclose(out["loss"], plain["loss"] + 2.0 * out["prior_onehot"] + 0.5 * out["prior_balance"])
+    with pytest.raises(DfkdError, match="unknown generator prior 'ohe'"):
+        build_method(MethodConfig(priors={"ohe": 1.0}))
