@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(_config(None, args), args)
         if args.command == "run":
             return cmd_run(_config(args.config, args), args)
+        if args.config is not None and "=" in args.config.name and not args.config.exists():
+            args.overrides, args.config = [str(args.config), *args.overrides], None  # an override, not a file
         return cmd_train_teacher(_config(args.config, args), args)
     except DfkdError as err:
         if args.debug:

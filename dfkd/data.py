@@ -4,6 +4,7 @@ Only the teacher ever trains on `train`; distillation reads nothing but `test`, 
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from dataclasses import dataclass
@@ -174,13 +175,18 @@ def to_model_input(raw: np.ndarray, info: DatasetInfo, image_size: int) -> torch
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    info, loader = DATASETS.get(cfg.name)
     root = Path(cfg.root).expanduser() if cfg.root else None
     if root is not None and not root.exists():
         raise DfkdError(f"data.root {str(root)!r} does not exist; point it at the folder holding {cfg.name}")
+    return _load(cfg.name, root, cfg.image_size)
+
+
+@functools.lru_cache(maxsize=2)  # a process that builds several runs on one dataset reads it once
+def _load(name: str, root: Path | None, image_size: int) -> Dataset:
+    info, loader = DATASETS.get(name)
     x_train, y_train, x_test, y_test = loader(root)
 
     def split(x: np.ndarray, y: np.ndarray) -> Split:
-        return Split(to_model_input(x, info, cfg.image_size), torch.tensor(np.asarray(y, dtype=np.int64)))
+        return Split(to_model_input(x, info, image_size), torch.tensor(np.asarray(y, dtype=np.int64)))
 
-    return Dataset(cfg.name, info, cfg.image_size, split(x_train, y_train), split(x_test, y_test))
+    return Dataset(name, info, image_size, split(x_train, y_train), split(x_test, y_test))

@@ -92,6 +92,6 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, metho
 
 def test_resume_refuses_a_different_config(tiny, tmp_path):
     Trainer(tiny(), tmp_path, progress=False).fit()
-    other = Trainer(tiny(method={"loss": "kl"}), tmp_path, progress=False)
+    other = Trainer(tiny(method={"loss": "l1"}), tmp_path, progress=False)
     with pytest.raises(DfkdError, match="config differs from the saved run in method"):
         other.load_checkpoint(tmp_path / "checkpoints" / "last.pt")

@@ -51,7 +51,7 @@ def test_run_resume_and_refuse_to_clobber(tmp_path, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, args, message):
-    code = main([*args, "--out", str(tmp_path / "o"), *TINY] if args[0] == "demo" else args)
+    code = main(["demo", "--out", str(tmp_path / "o"), *TINY, *args[1:]] if args[0] == "demo" else args)
     err = capsys.readouterr().err
     assert code == 2
     assert message in err
