@@ -77,6 +77,9 @@ class MethodConfig:
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw
     # their batches from this memory (it always holds the newest batch). 0 disables it.
     replay_size: int = 0
+    # Student steps see each synthetic image shifted by up to this many pixels, with the teacher's
+    # logits for the shifted image (one extra teacher forward per student step). 0 disables it.
+    student_shift: int = 0
 
 
 @dataclass
@@ -138,8 +141,9 @@ class ExperimentConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise DfkdError(f"{key} must be positive, got {value}")
-        if self.method.replay_size < 0:
-            raise DfkdError(f"method.replay_size must be 0 (off) or positive, got {self.method.replay_size}")
+        for key in ("replay_size", "student_shift"):
+            if getattr(self.method, key) < 0:
+                raise DfkdError(f"method.{key} must be 0 (off) or positive, got {getattr(self.method, key)}")
         if not 0.0 <= self.train.student_ema < 1.0:
             raise DfkdError(f"train.student_ema must be in [0, 1), got {self.train.student_ema}")
         choices = {

@@ -67,6 +67,16 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
         a.copy_(b)
 
 
+def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by its own whole-pixel offset in [-max_shift, max_shift], replicating borders."""
+    n, _, h, w = x.shape
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).to(x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] - shifts[:, :1]).clamp(0, h - 1)  # n×h
+    cols = (torch.arange(w, device=x.device)[None, :] - shifts[:, 1:]).clamp(0, w - 1)  # n×w
+    x = x.gather(2, rows[:, None, :, None].expand(n, x.shape[1], h, w))
+    return x.gather(3, cols[:, None, None, :].expand(n, x.shape[1], h, w))
+
+
 def _every(step: int, interval: int, last: int) -> bool:
     return step % interval == 0 or step == last
 
@@ -135,8 +145,14 @@ class Trainer:
 
     def student_batch(self, latest: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.memory is not None:
-            return self.memory.sample(self.cfg.train.batch_size, self.latent_rng)
-        return latest if self.cfg.method.reuse_samples else self.synthesize()
+            batch = self.memory.sample(self.cfg.train.batch_size, self.latent_rng)
+        else:
+            batch = latest if self.cfg.method.reuse_samples else self.synthesize()
+        if self.cfg.method.student_shift:
+            with torch.no_grad():
+                x = random_translate(batch[0], self.cfg.method.student_shift, self.latent_rng)
+                batch = (x, self.teacher(x))
+        return batch
 
     def iteration(self) -> dict[str, torch.Tensor]:
         m = self.cfg.method
@@ -204,7 +220,7 @@ class Trainer:
                     bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", acc=f"{evals['eval/student_acc']:.1f}")
                 if _every(step, cfg.sample_every, last):
                     path = self.save_samples()
-                    tracker.log_image("samples", path, step)
+                    tracker.log_image("train/samples", path, step)
                 self.wall_s = time.perf_counter() - start
                 if _every(step, cfg.checkpoint_every, last):
                     self.save_checkpoint()

@@ -1,0 +1,36 @@
+import torch
+
+from dfkd.replay import ReplayMemory
+from dfkd.trainer import random_translate
+
+
+def test_ring_buffer_keeps_the_newest_and_round_trips():
+    memory = ReplayMemory(capacity=5)
+    for i in range(3):  # batches of 2: values 0..5, the oldest (0) is overwritten
+        memory.add(torch.full((2, 1), float(2 * i)) + torch.tensor([[0.0], [1.0]]), torch.zeros(2, 3))
+    assert memory.size == 5
+    assert sorted(memory.images.flatten().tolist()) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    restored = ReplayMemory(capacity=5)
+    restored.load_state_dict(memory.state_dict())
+    assert torch.equal(restored.images, memory.images) and restored.cursor == memory.cursor
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(memory.sample(4, g1)[0], restored.sample(4, g2)[0])
+
+
+def test_samples_come_with_their_own_logits():
+    memory = ReplayMemory(capacity=100)
+    images = torch.arange(10.0).view(10, 1)
+    memory.add(images, images * 10)
+    x, t = memory.sample(50, torch.Generator().manual_seed(1))
+    assert torch.equal(t, x * 10)
+
+
+def test_random_translate_moves_each_image_by_whole_pixels():
+    x = torch.zeros(64, 1, 9, 9)
+    x[:, :, 4, 4] = 1.0  # a single bright pixel in the centre
+    out = random_translate(x, 2, torch.Generator().manual_seed(0))
+    positions = [divmod(int(img.flatten().argmax()), 9) for img in out]
+    offsets = {(r - 4, c - 4) for r, c in positions}
+    assert all(abs(dr) <= 2 and abs(dc) <= 2 for dr, dc in offsets)
+    assert len(offsets) > 10, "offsets are drawn per image"
+    assert torch.equal(out.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))
