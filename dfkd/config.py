@@ -80,6 +80,9 @@ class MethodConfig:
     # Student steps see each synthetic image shifted by up to this many pixels, with the teacher's
     # logits for the shifted image (one extra teacher forward per student step). 0 disables it.
     student_shift: int = 0
+    # Likewise, mirror each synthetic image left-right with probability 1/2 (for data whose
+    # classes are mirror-symmetric, such as clothes; not digits).
+    student_flip: bool = False
 
 
 @dataclass

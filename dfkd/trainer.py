@@ -77,6 +77,12 @@ def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator
     return x.gather(3, cols[:, None, None, :].expand(n, x.shape[1], h, w))
 
 
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
 def _every(step: int, interval: int, last: int) -> bool:
     return step % interval == 0 or step == last
 
@@ -148,9 +154,11 @@ class Trainer:
             batch = self.memory.sample(self.cfg.train.batch_size, self.latent_rng)
         else:
             batch = latest if self.cfg.method.reuse_samples else self.synthesize()
-        if self.cfg.method.student_shift:
+        m = self.cfg.method
+        if m.student_shift or m.student_flip:
             with torch.no_grad():
-                x = random_translate(batch[0], self.cfg.method.student_shift, self.latent_rng)
+                x = random_translate(batch[0], m.student_shift, self.latent_rng) if m.student_shift else batch[0]
+                x = random_hflip(x, self.latent_rng) if m.student_flip else x
                 batch = (x, self.teacher(x))
         return batch
 

@@ -51,7 +51,7 @@ def test_student_step_updates_only_the_student(tiny, tmp_path):
 
 
 def test_full_iteration_routes_each_loss_to_its_player(tiny, tmp_path):
-    for method in ({"reuse_samples": False}, {"reuse_samples": True}, {"replay_size": 64, "student_shift": 2}):
+    for method in ({"reuse_samples": False}, {"reuse_samples": True}, {"replay_size": 64, "student_shift": 2, "student_flip": True}):
         trainer = Trainer(tiny(method=method), tmp_path, progress=False)
         out = trainer.iteration()
         assert set(out) >= {"train/loss_G", "train/loss_S", "train/discrepancy"}

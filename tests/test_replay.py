@@ -34,3 +34,13 @@ def test_random_translate_moves_each_image_by_whole_pixels():
     assert all(abs(dr) <= 2 and abs(dc) <= 2 for dr, dc in offsets)
     assert len(offsets) > 10, "offsets are drawn per image"
     assert torch.equal(out.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))
+
+
+def test_random_hflip_mirrors_about_half_the_images():
+    from dfkd.trainer import random_hflip
+
+    x = torch.randn(200, 1, 4, 4)
+    out = random_hflip(x, torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.equal(o, i.flip(2)) for o, i in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
+    assert bool((mirrored | kept).all()) and 70 < int(mirrored.sum()) < 130
