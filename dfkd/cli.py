@@ -8,7 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from dfkd.errors import DfkdError
+
+if TYPE_CHECKING:
+    from dfkd.config import ExperimentConfig
 
 EPILOG = "Overrides are dotted keys: dfkd run runs/x.yaml method.n_student_steps=10 train.batch_size=128"
 
@@ -42,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(path: Path | None, args) -> "ExperimentConfig":  # noqa: F821
+def _config(path: Path | None, args) -> "ExperimentConfig":
     from dfkd.config import load_config
 
     overrides = list(args.overrides)

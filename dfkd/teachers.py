@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dfkd.augment import random_batch_shift
 from dfkd.checkpoint import load_safe, load_weights, save_atomic
 from dfkd.config import DataConfig, TeacherConfig
 from dfkd.data import Dataset
@@ -83,7 +84,7 @@ def train_classifier(cfg: TeacherConfig, dataset: Dataset, device: torch.device,
         order = torch.randperm(len(labels))
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            x, y = random_shift(images[idx]).to(device), labels[idx].to(device)
+            x, y = random_batch_shift(images[idx]).to(device), labels[idx].to(device)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -91,14 +92,6 @@ def train_classifier(cfg: TeacherConfig, dataset: Dataset, device: torch.device,
             sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model
-
-
-def random_shift(x: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
-    """Translate the whole batch by one random offset, filling with the border value."""
-    dx, dy = torch.randint(-max_shift, max_shift + 1, (2,)).tolist()
-    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
-    h, w = x.shape[-2:]
-    return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
 
 
 def check_compatible(meta: dict, dataset: Dataset, source: str) -> None:

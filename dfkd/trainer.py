@@ -12,9 +12,7 @@ Gradient routing (see DESIGN.md):
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import math
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch.nn as nn
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from dfkd.augment import random_hflip, random_translate
 from dfkd.checkpoint import load_safe, load_weights, save_atomic
 from dfkd.config import ExperimentConfig, OptimizerConfig, config_to_dict
 from dfkd.data import Dataset, load_dataset
@@ -65,22 +64,6 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(avg_p, p, 1.0 - decay)
     for a, b in zip(average.buffers(), model.buffers()):
         a.copy_(b)
-
-
-def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by its own whole-pixel offset in [-max_shift, max_shift], replicating borders."""
-    n, _, h, w = x.shape
-    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).to(x.device)
-    rows = (torch.arange(h, device=x.device)[None, :] - shifts[:, :1]).clamp(0, h - 1)  # n×h
-    cols = (torch.arange(w, device=x.device)[None, :] - shifts[:, 1:]).clamp(0, w - 1)  # n×w
-    x = x.gather(2, rows[:, None, :, None].expand(n, x.shape[1], h, w))
-    return x.gather(3, cols[:, None, None, :].expand(n, x.shape[1], h, w))
-
-
-def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 def _every(step: int, interval: int, last: int) -> bool:

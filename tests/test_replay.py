@@ -1,7 +1,7 @@
 import torch
 
 from dfkd.replay import ReplayMemory
-from dfkd.trainer import random_translate
+from dfkd.augment import random_translate
 
 
 def test_ring_buffer_keeps_the_newest_and_round_trips():
@@ -37,7 +37,7 @@ def test_random_translate_moves_each_image_by_whole_pixels():
 
 
 def test_random_hflip_mirrors_about_half_the_images():
-    from dfkd.trainer import random_hflip
+    from dfkd.augment import random_hflip
 
     x = torch.randn(200, 1, 4, 4)
     out = random_hflip(x, torch.Generator().manual_seed(0))

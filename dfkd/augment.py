@@ -1,0 +1,29 @@
+"""Image augmentations on normalized N×C×H×W batches (teacher training, synthetic student batches)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def random_batch_shift(x: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
+    """Translate the whole batch by one random offset, filling with the border value."""
+    dx, dy = torch.randint(-max_shift, max_shift + 1, (2,)).tolist()
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    h, w = x.shape[-2:]
+    return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
+
+
+def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by its own whole-pixel offset in [-max_shift, max_shift], replicating borders."""
+    n, _, h, w = x.shape
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).to(x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] - shifts[:, :1]).clamp(0, h - 1)  # n×h
+    cols = (torch.arange(w, device=x.device)[None, :] - shifts[:, 1:]).clamp(0, w - 1)  # n×w
+    x = x.gather(2, rows[:, None, :, None].expand(n, x.shape[1], h, w))
+    return x.gather(3, cols[:, None, None, :].expand(n, x.shape[1], h, w))
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
