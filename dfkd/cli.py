@@ -26,6 +26,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _debug_flag(p)
+
+
+def _debug_flag(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not reset `dfkd --debug run ...`
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("overrides", nargs="*", metavar="key=value")
     teach.add_argument("--out", type=Path, required=True, help="checkpoint path to write")
     teach.add_argument("--no-progress", action="store_true")
+    _debug_flag(teach)
     sub.add_parser("list", help="list registered datasets, classifiers, generators, losses, methods")
     return parser
 

@@ -99,3 +99,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert main(["demo", "--out", str(out), "--resume", "--iterations", str(step + 2), *TINY,
                  "train.checkpoint_every=100000"]) == 0  # fmt: skip
     assert json.loads((out / "summary.json").read_text())["iterations"] == step + 2
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command():
+    for args in (["--debug", "run", "missing.yaml"], ["run", "missing.yaml", "--debug"]):
+        with pytest.raises(Exception, match="missing.yaml"):
+            main(args)

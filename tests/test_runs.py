@@ -35,3 +35,17 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     print(json.dumps(summary))
     assert summary["teacher_acc"] > 95
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
+
+
+# runs/fmnist_lenet5.yaml measured 0.8x of the teacher (runs/RESULTS.md); the goal is 0.90,
+# not reached yet. This guards the measured level against regressions.
+FMNIST_MIN_RATIO = 0.78
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist")
+def test_fashion_mnist_recipe_keeps_its_measured_level(tmp_path):
+    summary = run_cli(tmp_path, "run", str(Path(__file__).parent.parent / "runs" / "fmnist_lenet5.yaml"))
+    print(json.dumps(summary))
+    assert summary["teacher_acc"] > 85
+    assert summary["student_acc"] / summary["teacher_acc"] >= FMNIST_MIN_RATIO
