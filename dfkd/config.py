@@ -64,7 +64,7 @@ class MethodConfig:
     """The adversarial game: what the generator maximizes and the student minimizes."""
 
     name: str = "adversarial"
-    loss: str = "kl"  # a registered discrepancy (dfkd.losses.LOSSES)
+    loss: str = "kl"  # a registered discrepancy (dfkd.losses.LOSSES); KL beat L1 here (runs/RESULTS.md)
     temperature: float = 1.0  # for KL-type losses
     n_student_steps: int = 5
     n_generator_steps: int = 1
