@@ -208,7 +208,7 @@ class Trainer:
                 if _every(step, cfg.eval_every, last):
                     evals = self.evaluate()
                     tracker.log(evals, step)
-                    bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", acc=f"{evals['eval/student_acc']:.1f}")
+                    bar.set_postfix(acc=f"{evals['eval/student_acc']:.1f}", best=f"{self.best_acc:.1f}")
                 if _every(step, cfg.sample_every, last):
                     path = self.save_samples()
                     tracker.log_image("train/samples", path, step)

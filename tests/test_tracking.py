@@ -64,3 +64,8 @@ def test_failure_during_logging_is_contained(tmp_path):
     assert tracker.run is None
     tracker.log({"train/x": 2.0}, step=2)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_evaluation_need_not_fall_on_a_log_step(tiny, tmp_path):
+    summary = Trainer(tiny(train={"log_every": 3, "eval_every": 2}), tmp_path, progress=True).fit()
+    assert summary["iterations"] == 4
