@@ -7,7 +7,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from dfkd.errors import DfkdError

@@ -7,8 +7,8 @@ from generators.registry import GENERATORS
 
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour 2× upsampling; equal to upsample2x(x) but, as a
-    broadcast and reshape, about 8× faster on the CPU (forward and backward) in torch 2.14."""
+    """Nearest-neighbour 2× upsampling, equal to F.interpolate(x, scale_factor=2) but, as a
+    broadcast and reshape, measured 8× faster forward on this project's CPU (torch 2.14)."""
     n, c, h, w = x.shape
     return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
