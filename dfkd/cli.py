@@ -85,6 +85,8 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
 class Terminated(KeyboardInterrupt):
     """SIGTERM, delivered like Ctrl-C so the trainer saves a checkpoint on its way out."""
 
+    exit_code = 128 + signal.SIGTERM
+
 
 def _raise_terminated(signum, frame):
     raise Terminated()
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:
         print("dfkd: interrupted; once distillation has started a checkpoint is saved: continue with --resume", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+        return getattr(err, "exit_code", 128 + signal.SIGINT)
     except Exception as err:  # noqa: BLE001
         if args.debug:
             raise

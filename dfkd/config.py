@@ -98,6 +98,15 @@ class TrainConfig:
     # Decay of an exponential moving average of the student's weights; the average is what is
     # evaluated and saved. 0 disables it.
     student_ema: float = 0.99
+    # Divergence: a NaN or Inf in a loss or parameter, found at a log or checkpoint step, reloads
+    # the last good checkpoint with learning rates times `rollback_lr_factor`, at most
+    # `max_rollbacks` times; then the run stops with an error.
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
+    # Collapse: warn when more than `collapse_threshold` of the synthetic batch falls in one teacher
+    # class, on average, for `collapse_patience` log intervals in a row.
+    collapse_threshold: float = 0.9
+    collapse_patience: int = 5
 
 
 @dataclass
@@ -106,6 +115,7 @@ class TrackingConfig:
     project: str = "dfkd"
     entity: str | None = None
     run_name: str | None = None
+    init_timeout: float = 60.0  # seconds to reach the W&B server before logging offline instead
 
 
 @dataclass
@@ -140,6 +150,8 @@ class ExperimentConfig:
             "teacher.batch_size": self.teacher.batch_size,
             "teacher.lr": self.teacher.lr,
             "method.temperature": self.method.temperature,
+            "train.collapse_patience": self.train.collapse_patience,
+            "tracking.init_timeout": self.tracking.init_timeout,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -147,6 +159,11 @@ class ExperimentConfig:
         for key in ("replay_size", "student_shift"):
             if getattr(self.method, key) < 0:
                 raise DfkdError(f"method.{key} must be 0 (off) or positive, got {getattr(self.method, key)}")
+        if self.train.max_rollbacks < 0:
+            raise DfkdError(f"train.max_rollbacks must be 0 (stop at once) or positive, got {self.train.max_rollbacks}")
+        for key in ("rollback_lr_factor", "collapse_threshold"):
+            if not 0.0 < getattr(self.train, key) <= 1.0:
+                raise DfkdError(f"train.{key} must be in (0, 1], got {getattr(self.train, key)}")
         if not 0.0 <= self.train.student_ema < 1.0:
             raise DfkdError(f"train.student_ema must be in [0, 1), got {self.train.student_ema}")
         choices = {

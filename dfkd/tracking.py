@@ -36,9 +36,21 @@ class Tracker:
     def __init__(self, run_dir: Path, cfg: TrackingConfig, config: dict, run_id: str, resume_step: int | None = None):
         self.metrics_path = run_dir / "metrics.jsonl"
         if resume_step is not None:
-            self._truncate_after(resume_step)
+            self.rewind(resume_step)
         self.mode = resolve_mode(cfg)
         self.run = None
+        if self.mode == "online":
+            try:
+                self.run = self._init_wandb(run_dir, cfg, config, run_id)
+                return
+            except Exception as err:  # noqa: BLE001 - no network: keep the record locally
+                import wandb
+
+                wandb.teardown()  # the failed online run still holds its id
+                warnings.warn(f"W&B server not reached within {cfg.init_timeout:g} s ({type(err).__name__}); "
+                              f"logging offline, upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*",
+                              stacklevel=2)  # fmt: skip
+                self.mode = "offline"
         if self.mode != "disabled":
             self.run = self._call(self._init_wandb, run_dir, cfg, config, run_id)
 
@@ -48,7 +60,7 @@ class Tracker:
         return wandb.init(
             project=cfg.project, entity=cfg.entity, name=cfg.run_name or run_dir.name, id=run_id,
             resume="allow", config=config, dir=str(run_dir), mode=self.mode, reinit="create_new",
-            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
+            settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off", silent=True),
         )  # fmt: skip
 
     def _call(self, fn, *args, **kwargs) -> Any:
@@ -59,13 +71,19 @@ class Tracker:
             self.run = None
             return None
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop records past the checkpoint: they will be logged again."""
+    def rewind(self, step: int) -> None:
+        """On resume or rollback, drop records past the checkpoint: they will be logged again.
+        A line cut short by a hard kill is dropped too."""
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:
+                pass
+        self.metrics_path.write_text("".join(kept))
 
     @property
     def url(self) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +29,7 @@ from dfkd.config import ExperimentConfig, OptimizerConfig, config_to_dict
 from dfkd.data import Dataset, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
+from dfkd.health import CollapseMonitor, first_non_finite
 from dfkd.methods import build_method
 from dfkd.models import build_classifier
 from dfkd.replay import ReplayMemory
@@ -66,6 +68,19 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
         a.copy_(b)
 
 
+def scale_lr(opt: torch.optim.Optimizer, sched, factor: float) -> None:
+    """Multiply the current and scheduled learning rates by `factor`."""
+    for group in opt.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+
+
+def warn(message: str) -> None:
+    tqdm.write(f"dfkd: warning: {message}", file=sys.stderr)
+
+
 def _every(step: int, interval: int, last: int) -> bool:
     return step % interval == 0 or step == last
 
@@ -97,6 +112,8 @@ class Trainer:
         self.step = 0
         self.wall_s = 0.0
         self.best_acc = 0.0
+        self.rollbacks = 0
+        self.collapse = CollapseMonitor(cfg.train.collapse_threshold, cfg.train.collapse_patience)
         self.run_id = uuid.uuid4().hex[:8]
         self.teacher_acc = accuracy(self.teacher, self.dataset.test, self.device)
 
@@ -172,6 +189,10 @@ class Trainer:
         """What is evaluated and saved: the weight average when EMA is on, else the student."""
         return self.ema if self.ema is not None else self.student
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
     def fit(self, stop_at: int | None = None) -> dict | None:
         """Train to train.iterations and return the summary; or pause after step `stop_at`, with a
         checkpoint, and return None (resume with load_checkpoint and fit again)."""
@@ -183,43 +204,18 @@ class Trainer:
                           resume_step=self.step if self.step else None)  # fmt: skip
         if self.step == 0:
             tracker.log({"teacher/acc": self.teacher_acc}, step=0)
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
+            self.save_checkpoint()  # the state a divergence before the first checkpoint rolls back to
         bar = tqdm(total=cfg.iterations, initial=self.step, desc="distill", disable=not self.progress, unit="it")
-        last_log = time.perf_counter()
         start = time.perf_counter() - self.wall_s
         try:
-            while self.step < stop:
-                for k, v in self.iteration().items():
-                    sums[k] = sums[k] + v if k in sums else v
-                count += 1
-                self.step += 1
-                bar.update(1)
-                step, last = self.step, cfg.iterations
-                if _every(step, cfg.log_every, last):
-                    now = time.perf_counter()
-                    metrics = {k: v / count for k, v in zip(sums, torch.stack(list(sums.values())).tolist())}
-                    images = count * self.cfg.method.n_student_steps * cfg.batch_size
-                    metrics["perf/student_images_per_s"] = images / max(now - last_log, 1e-9)
-                    metrics["train/lr_S"] = self.opt_s.param_groups[0]["lr"]
-                    tracker.log(metrics, step)
-                    bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", best=f"{self.best_acc:.1f}")
-                    sums, count, last_log = {}, 0, now
-                if _every(step, cfg.eval_every, last):
-                    evals = self.evaluate()
-                    tracker.log(evals, step)
-                    bar.set_postfix(acc=f"{evals['eval/student_acc']:.1f}", best=f"{self.best_acc:.1f}")
-                if _every(step, cfg.sample_every, last):
-                    path = self.save_samples()
-                    tracker.log_image("train/samples", path, step)
-                self.wall_s = time.perf_counter() - start
-                if _every(step, cfg.checkpoint_every, last):
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            self.wall_s = time.perf_counter() - start
-            self.save_checkpoint()
-            tracker.finish(exit_code=130)
+            self._loop(stop, tracker, bar, start)
+        except BaseException as err:
             bar.close()
+            interrupted = isinstance(err, KeyboardInterrupt)  # Ctrl-C or SIGTERM: keep the work done so far
+            if interrupted and self.non_finite({}) is None:
+                self.wall_s = time.perf_counter() - start
+                self.save_checkpoint()
+            tracker.finish(exit_code=getattr(err, "exit_code", 130) if interrupted else 1)
             raise
         bar.close()
         if self.step < cfg.iterations:
@@ -229,6 +225,78 @@ class Trainer:
         summary = self.finish(tracker)
         tracker.finish()
         return summary
+
+    def _loop(self, stop: int, tracker: Tracker, bar, start: float) -> None:
+        cfg = self.cfg.train
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        last_log = time.perf_counter()
+        while self.step < stop:
+            for k, v in self.iteration().items():
+                sums[k] = sums[k] + v if k in sums else v
+            count += 1
+            self.step += 1
+            bar.update(1)
+            step, last = self.step, cfg.iterations
+            log_now, checkpoint_now = _every(step, cfg.log_every, last), _every(step, cfg.checkpoint_every, last)
+            # A checkpoint is only ever written from a healthy state.
+            if log_now or checkpoint_now:
+                cause = self.non_finite(sums)
+                if cause is not None:
+                    self.roll_back(cause, tracker)
+                    bar.n = self.step
+                    bar.refresh()
+                    sums, count, last_log = {}, 0, time.perf_counter()
+                    continue
+            if log_now:
+                now = time.perf_counter()
+                metrics = {k: v / count for k, v in zip(sums, torch.stack(list(sums.values())).tolist())}
+                images = count * self.cfg.method.n_student_steps * cfg.batch_size
+                metrics["perf/student_images_per_s"] = images / max(now - last_log, 1e-9)
+                metrics["train/lr_S"] = self.opt_s.param_groups[0]["lr"]
+                metrics["health/collapse"] = self._check_collapse(metrics["train/top_class_frac"])
+                tracker.log(metrics, step)
+                bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", best=f"{self.best_acc:.1f}")
+                sums, count, last_log = {}, 0, now
+            if _every(step, cfg.eval_every, last):
+                evals = self.evaluate()
+                tracker.log(evals, step)
+                bar.set_postfix(acc=f"{evals['eval/student_acc']:.1f}", best=f"{self.best_acc:.1f}")
+            if _every(step, cfg.sample_every, last):
+                path = self.save_samples()
+                tracker.log_image("train/samples", path, step)
+            self.wall_s = time.perf_counter() - start
+            if checkpoint_now:
+                self.save_checkpoint()
+
+    def non_finite(self, losses: dict[str, torch.Tensor]) -> str | None:
+        return first_non_finite(losses, {"student": self.student, "generator": self.generator})
+
+    def roll_back(self, cause: str, tracker: Tracker) -> None:
+        """Reload the last good checkpoint with lowered learning rates; stop after max_rollbacks."""
+        cfg = self.cfg.train
+        detected_at, rollbacks = self.step, self.rollbacks + 1
+        if rollbacks > cfg.max_rollbacks:
+            raise DfkdError(
+                f"training diverged: non-finite {cause} at step {detected_at}, after {self.rollbacks} rollback(s); "
+                "lower student_optim.lr and generator_optim.lr or set student_optim.grad_clip"
+            )
+        self.load_checkpoint(self.checkpoint_path)
+        self.rollbacks = rollbacks
+        for opt, sched in ((self.opt_s, self.sched_s), (self.opt_g, self.sched_g)):
+            scale_lr(opt, sched, cfg.rollback_lr_factor)
+        tracker.rewind(self.step)
+        tracker.log({"health/rollbacks": rollbacks, "health/diverged_at": detected_at}, self.step)
+        warn(f"non-finite {cause} at step {detected_at}: rolled back to step {self.step} with learning rates "
+             f"x{cfg.rollback_lr_factor} ({rollbacks}/{cfg.max_rollbacks})")  # fmt: skip
+
+    def _check_collapse(self, top_class_frac: float) -> float:
+        was = self.collapse.streak >= self.collapse.patience
+        collapsed = self.collapse.update(top_class_frac)
+        if collapsed and not was:
+            warn(f"generator collapse? the teacher puts {top_class_frac:.0%} of synthetic images in one class "
+                 f"(over {self.collapse.patience} log intervals); see samples/ and consider method.priors")  # fmt: skip
+        return float(collapsed)
 
     def evaluate(self) -> dict[str, float]:
         acc = accuracy(self.deployed_student, self.dataset.test, self.device)
@@ -277,6 +345,8 @@ class Trainer:
             "wall_s": self.wall_s,
             "best_acc": self.best_acc,
             "run_id": self.run_id,
+            "rollbacks": self.rollbacks,
+            "collapse_streak": self.collapse.streak,
             "config": config_to_dict(self.cfg),
             "student": self.student.state_dict(),
             "generator": self.generator.state_dict(),
@@ -296,9 +366,8 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> Path:
-        path = self.run_dir / "checkpoints" / "last.pt"
-        save_atomic(self.state_dict(), path)
-        return path
+        save_atomic(self.state_dict(), self.checkpoint_path)
+        return self.checkpoint_path
 
     def load_checkpoint(self, path: Path) -> None:
         state = load_safe(path)
@@ -325,6 +394,7 @@ class Trainer:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.wall_s, self.best_acc, self.run_id = state["step"], state["wall_s"], state["best_acc"], state["run_id"]
+        self.rollbacks, self.collapse.streak = state["rollbacks"], state["collapse_streak"]
 
 
 def _yaml_dump(data: dict) -> str:

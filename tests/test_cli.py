@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dfkd.cli import main
 
@@ -105,3 +106,40 @@ def test_debug_shows_the_traceback_before_or_after_the_command():
     for args in (["--debug", "run", "missing.yaml"], ["run", "missing.yaml", "--debug"]):
         with pytest.raises(Exception, match="missing.yaml"):
             main(args)
+
+
+def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tmp_path):
+    import signal
+    import time
+
+    from dfkd.checkpoint import load_safe
+
+    args = ["demo", "--iterations", "60", *TINY, "train.batch_size=64", "generator.width=8", "train.log_every=1",
+            "train.checkpoint_every=7", "train.eval_every=1000", "train.sample_every=1000"]  # fmt: skip
+
+    def dfkd(out, *extra):
+        return [sys.executable, "-m", "dfkd", *args, "--out", str(out), *extra]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(dfkd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 20):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err
+    step = load_safe(killed / "checkpoints" / "last.pt")["step"]
+    assert 0 < step < 60, "killed mid-training"
+    assert subprocess.run(dfkd(killed, "--resume"), capture_output=True).returncode == 0
+
+    whole = tmp_path / "whole"
+    assert subprocess.run(dfkd(whole), capture_output=True).returncode == 0
+    for name in ("student.pt", "checkpoints/last.pt"):
+        a, b = load_safe(whole / name), load_safe(killed / name)
+        for part in ("state_dict", "student", "generator", "ema"):
+            if part in a:
+                assert a[part].keys() == b[part].keys()
+                assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), f"{name}: {part} differs"
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in (whole / "metrics.jsonl").read_text().splitlines()]

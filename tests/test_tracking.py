@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 
@@ -24,7 +25,7 @@ def test_real_offline_wandb_run_writes_its_files(tiny, tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("step" in r for r in records)
     keys = {k for r in records for k in r if k != "step"}
-    assert keys and all(k.split("/")[0] in {"train", "eval", "perf", "teacher"} for k in keys)
+    assert keys and all(k.split("/")[0] in {"train", "eval", "perf", "teacher", "health"} for k in keys)
     assert {"train/loss_S", "train/loss_G", "eval/student_acc", "teacher/acc"} <= keys
 
 
@@ -69,3 +70,29 @@ def test_failure_during_logging_is_contained(tmp_path):
 def test_evaluation_need_not_fall_on_a_log_step(tiny, tmp_path):
     summary = Trainer(tiny(train={"log_every": 3, "eval_every": 2}), tmp_path, progress=True).fit()
     assert summary["iterations"] == 4
+
+
+def test_online_without_network_falls_back_to_offline_in_bounded_time(tiny, tmp_path, monkeypatch):
+    import socket
+    import time
+
+    # A server that accepts connections and never answers: the worst case, a silent network.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    cfg = tiny(tracking={"mode": "online", "init_timeout": 5.0})
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = Trainer(cfg, tmp_path, progress=False).fit()
+    silent.close()
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert any("not reached within 5 s" in m and "logging offline" in m for m in messages), messages
+    assert not any("W&B disabled" in m for m in messages), "the offline run itself must work"
+    assert time.perf_counter() - start < 90
+    assert summary["iterations"] == 4
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in offline.iterdir())
