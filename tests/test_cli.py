@@ -39,24 +39,66 @@ def test_run_resume_and_refuse_to_clobber(tmp_path, capsys):
     assert main(["run", str(cfg), "--out", str(out), "--overwrite", *TINY]) == 0
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["run", "missing.yaml"], "config file 'missing.yaml' not found"),
-        (["demo", "train.batch_size=0"], "train.batch_size must be positive, got 0"),
-        (["demo", "train.batch_sise=8"], "unknown config key 'train.batch_sise'"),
-        (["demo", "student.arch=lenet9", "--iterations", "1"], "unknown classifier 'lenet9'"),
-        (["demo", "teacher.checkpoint=/no/such.pt"], "checkpoint '/no/such.pt' not found"),
-        (["demo", "data.name=fashion_mnist", "data.root=/no/such/dir"], "data.root '/no/such/dir' does not exist"),
-        (["demo", "train.device=cuda"], "no CUDA device"),
-    ],
-)
-def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, args, message):
-    code = main(["demo", "--out", str(tmp_path / "o"), *TINY, *args[1:]] if args[0] == "demo" else args)
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Good files a bad command must leave alone: a finished run, its experiment file, teachers."""
+    from dfkd.models import build_classifier
+    from dfkd.teachers import save_classifier
+
+    root = tmp_path_factory.mktemp("workspace")
+    (root / "exp.yaml").write_text("name: good\n")
+    assert main(["run", str(root / "exp.yaml"), "--out", str(root / "run"), "--iterations", "2", *TINY]) == 0
+    (root / "broken.yaml").write_text("train: [1, 2\n")
+    (root / "junk.pt").write_bytes(b"not a checkpoint")
+    meta = {"arch": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32}
+    save_classifier(root / "misfit.pt", build_classifier("lenet5_half", 1, 10, 32), meta)
+    save_classifier(root / "rgb.pt", build_classifier("lenet5", 3, 10, 32), {**meta, "in_channels": 3})
+    (root / "file").write_text("")
+    return root
+
+
+def snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# One row per kind of bad input. `{w}` is the workspace; most rows aim at the finished run with
+# --resume, the place where a careless error path would do the most damage.
+BAD_INPUT = {
+    "missing config": (["run", "{w}/missing.yaml"], "config file '{w}/missing.yaml' not found"),
+    "corrupt config": (["run", "{w}/broken.yaml"], "config file '{w}/broken.yaml' is not valid YAML at line"),
+    "unknown key": (["train.batch_sise=8"], "unknown config key 'train.batch_sise'; known: batch_size"),
+    "wrong type": (["train.batch_size=abc"], "train.batch_size: expected int, got 'abc'"),
+    "zero batch size": (["train.batch_size=0"], "train.batch_size must be positive, got 0"),
+    "negative steps": (["method.n_student_steps=-1"], "method.n_student_steps must be positive, got -1"),
+    "zero learning rate": (["student_optim.lr=0"], "student_optim.lr must be positive, got 0.0"),
+    "unknown registry name": (["student.arch=lenet9"], "unknown classifier 'lenet9'; known:"),
+    "missing checkpoint": (["teacher.checkpoint={w}/no_such.pt"], "checkpoint '{w}/no_such.pt' not found"),
+    "corrupt checkpoint": (["teacher.checkpoint={w}/junk.pt"], "checkpoint '{w}/junk.pt' is unreadable or corrupt"),
+    "weights misfit": (["teacher.checkpoint={w}/misfit.pt"], "checkpoint '{w}/misfit.pt' does not fit its architecture"),
+    "teacher input shape": (["teacher.checkpoint={w}/rgb.pt"], "has in_channels=3 but dataset mnist5k needs 1"),
+    "missing dataset path": (["data.name=fashion_mnist", "data.root={w}/no/dir"], "data.root '{w}/no/dir' does not exist"),
+    "unwritable output": (["--out", "{w}/file/run"], "cannot write to run directory '{w}/file/run'"),
+    "existing run without --resume": (["--out", "{w}/run"], "exists; pass --resume to continue it or --overwrite"),
+    "resume with another config": (["--resume", "method.loss=l1"], "config differs from the saved run in method"),
+    "no CUDA": (["train.device=cuda"], "no CUDA device is available; use train.device=cpu"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
+def test_bad_input_is_one_line_nonzero_and_changes_no_good_file(workspace, capsys, case):
+    args, message = BAD_INPUT[case]
+    args = [a.replace("{w}", str(workspace)) for a in args]
+    if args[0] != "run":  # aimed at the finished run unless the row names its own --out
+        aim = [] if "--out" in args else ["--out", str(workspace / "run"), *(["--resume"] if "--resume" not in args else [])]
+        args = ["run", str(workspace / "exp.yaml"), *TINY, *args, *aim]
+    before = snapshot(workspace)
+    capsys.readouterr()
+    code = main(args)
     err = capsys.readouterr().err
-    assert code == 2
-    assert message in err
+    assert code == 2, err
+    assert message.replace("{w}", str(workspace)) in err
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert snapshot(workspace) == before
 
 
 def test_console_entry_point_help_and_list():
