@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--out", type=Path, required=True, help="checkpoint path to write")
     teach.add_argument("--no-progress", action="store_true")
     _debug_flag(teach)
-    sub.add_parser("list", help="list registered datasets, classifiers, generators, losses, methods")
+    sub.add_parser("list", help="list registered datasets, classifiers, generators, losses, methods, strategies")
+    layers = sub.add_parser("layers", help="print a classifier's layer paths and output shapes (for method.features)")
+    layers.add_argument("arch", help="a registered classifier, e.g. lenet5")
+    layers.add_argument("--channels", type=int, default=1, help="input channels (default 1)")
+    layers.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
+    layers.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    _debug_flag(layers)
     return parser
 
 
@@ -142,18 +148,32 @@ def cmd_train_teacher(cfg, args) -> int:
 def cmd_list() -> int:
     import generators
     from dfkd.data import DATASETS
-    from dfkd.losses import LOSSES
+    from dfkd.losses import FEATURE_LOSSES, LOSSES, PRIORS
     from dfkd.methods import METHODS
     from dfkd.models import classifier_names
+    from dfkd.pool import STRATEGIES
 
     for title, names in [
         ("datasets", DATASETS.names()),
         ("classifiers", classifier_names()),
         ("generators", generators.GENERATORS.names()),
         ("losses", LOSSES.names()),
+        ("feature losses", FEATURE_LOSSES.names()),
+        ("generator priors", PRIORS.names()),
         ("methods", METHODS.names()),
+        ("teacher strategies", STRATEGIES.names()),
     ]:
         print(f"{title}: {', '.join(names)}")
+    return 0
+
+
+def cmd_layers(args) -> int:
+    from dfkd.features import layer_shapes
+    from dfkd.models import build_classifier
+
+    model = build_classifier(args.arch, args.channels, args.classes, args.size)
+    for path, kind, shape in layer_shapes(model, (args.channels, args.size, args.size)):
+        print(f"{path:<24}{kind:<18}{' x '.join(map(str, shape))}")
     return 0
 
 
@@ -169,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return cmd_list()
+        if args.command == "layers":
+            return cmd_layers(args)
         if args.command == "demo":
             return cmd_run(_config(None, args), args)
         if args.command == "run":

@@ -26,7 +26,8 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    """A checkpoint to load, or a recipe to train (and cache, keyed by the recipe) when it is missing."""
+    """A checkpoint to load, or a recipe to train (and cache, keyed by the recipe) when it is missing.
+    `teachers` (a list of these) replaces `teacher` when it is not empty."""
 
     arch: str = "lenet5"
     checkpoint: str | None = None
@@ -83,6 +84,21 @@ class MethodConfig:
     # Likewise, mirror each synthetic image left-right with probability 1/2 (for data whose
     # classes are mirror-symmetric, such as clothes; not digits).
     student_flip: bool = False
+    # Feature-based term for the student: pairs [student layer, teacher layer] named by module path
+    # (`dfkd layers ARCH` prints them), compared with `feature_loss`, weighted by `feature_weight`.
+    features: list[list[str]] = field(default_factory=list)
+    feature_loss: str = "at"  # a registered feature term (dfkd.losses.FEATURE_LOSSES)
+    feature_weight: float = 250.0  # ZSKT's beta for attention transfer
+
+
+@dataclass
+class PoolConfig:
+    """How several teachers (`teachers`) share the game; a single teacher ignores it."""
+
+    strategy: str = "random"  # a registered strategy (dfkd.pool.STRATEGIES)
+    weights: list[float] = field(default_factory=list)  # weighted: one weight per teacher
+    response_teacher: int = 0  # split: index of the teacher for the response term and the generator
+    feature_teacher: int = 1  # split: index of the teacher for the feature term (method.features)
 
 
 @dataclass
@@ -123,6 +139,8 @@ class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -177,7 +195,15 @@ class ExperimentConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise DfkdError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+        for i, pair in enumerate(self.method.features):
+            if len(pair) != 2:
+                raise DfkdError(f"method.features[{i}] must be a pair [student_layer, teacher_layer], got {pair}")
         return self
+
+    @property
+    def teacher_recipes(self) -> list[TeacherConfig]:
+        """The teachers of this run: the `teachers` pool, or the single `teacher`."""
+        return self.teachers or [self.teacher]
 
 
 def _type_name(tp: Any) -> str:
@@ -209,6 +235,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise DfkdError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise DfkdError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp(), value, prefix=f"{key}.")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):

@@ -7,14 +7,21 @@ from dfkd.data import Split
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, split: Split, device: torch.device | str = "cpu", batch_size: int = 1000) -> float:
-    """Top-1 accuracy in percent, in eval mode; the model's train/eval mode is restored afterwards."""
+def predictions(model: nn.Module, split: Split, device: torch.device | str = "cpu", batch_size: int = 1000) -> torch.Tensor:
+    """Top-1 class per image (on the CPU), in eval mode; the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
-    correct = 0
-    for i in range(0, len(split), batch_size):
-        x = split.images[i : i + batch_size].to(device, non_blocking=True)
-        y = split.labels[i : i + batch_size].to(device, non_blocking=True)
-        correct += (model(x).argmax(1) == y).sum()
+    out = [model(split.images[i : i + batch_size].to(device, non_blocking=True)).argmax(1).cpu()
+           for i in range(0, len(split), batch_size)]  # fmt: skip
     model.train(was_training)
-    return 100.0 * int(correct) / max(1, len(split))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Percent of positions where two prediction vectors agree."""
+    return 100.0 * (a == b).float().mean().item() if len(a) else 0.0
+
+
+def accuracy(model: nn.Module, split: Split, device: torch.device | str = "cpu", batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent, in eval mode; the model's train/eval mode is restored afterwards."""
+    return agreement(predictions(model, split, device, batch_size), split.labels)

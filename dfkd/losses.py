@@ -59,3 +59,23 @@ def balance(teacher: torch.Tensor) -> torch.Tensor:
     perfectly class-balanced batch scores 0: every class gets samples."""
     mean = F.softmax(teacher, dim=1).mean(0)
     return (mean * mean.clamp_min(1e-12).log()).sum() + math.log(teacher.shape[1])
+
+
+# Feature terms: `(student_feature, teacher_feature) -> scalar`, for one pair of layers.
+FEATURE_LOSSES: Registry = Registry("feature loss")
+
+
+def attention_map(feature: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Channel mean of squared activations, pooled to `size`, flattened and L2-normalized per image."""
+    amap = feature.pow(2).mean(1, keepdim=True)
+    if amap.shape[-2:] != size:
+        amap = F.adaptive_avg_pool2d(amap, size)
+    return F.normalize(amap.flatten(1), dim=1)
+
+
+@FEATURE_LOSSES.register("at")
+def attention_transfer(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis; ZSKT): mean squared difference of the normalized
+    attention maps. Maps of different resolutions meet at the smaller one."""
+    size = tuple(min(a, b) for a, b in zip(student.shape[-2:], teacher.shape[-2:]))
+    return (attention_map(student, size) - attention_map(teacher, size)).pow(2).mean()

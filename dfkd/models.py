@@ -61,16 +61,16 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet for 32×32 inputs: 3×3 stem, no max-pool (the variant DFAD and CMI distil)."""
 
-    def __init__(self, blocks: list[int], in_channels: int, num_classes: int):
+    def __init__(self, blocks: list[int], in_channels: int, num_classes: int, widths=(64, 128, 256, 512)):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
-        layers, cin = [], 64
-        for i, (n, cout) in enumerate(zip(blocks, (64, 128, 256, 512))):
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        layers, cin = [], widths[0]
+        for i, (n, cout) in enumerate(zip(blocks, widths)):
             for j in range(n):
                 layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
                 cin = cout
         self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
@@ -78,6 +78,8 @@ class CifarResNet(nn.Module):
 
 CLASSIFIERS.register("resnet18")(lambda c, k, s: CifarResNet([2, 2, 2, 2], c, k))
 CLASSIFIERS.register("resnet34")(lambda c, k, s: CifarResNet([3, 4, 6, 3], c, k))
+# He et al.'s CIFAR ResNet-8 widths (16, 32, 64): a small residual teacher that trains in a minute on a CPU.
+CLASSIFIERS.register("resnet8")(lambda c, k, s: CifarResNet([1, 1, 1], c, k, widths=(16, 32, 64)))
 
 
 class WideBlock(nn.Module):

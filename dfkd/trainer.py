@@ -28,12 +28,14 @@ from dfkd.checkpoint import load_safe, load_weights, save_atomic
 from dfkd.config import ExperimentConfig, OptimizerConfig, config_to_dict
 from dfkd.data import Dataset, load_dataset
 from dfkd.errors import DfkdError
-from dfkd.evaluate import accuracy
+from dfkd.evaluate import accuracy, agreement, predictions
+from dfkd.features import capture, find_layers
 from dfkd.health import CollapseMonitor, first_non_finite
 from dfkd.methods import build_method
 from dfkd.models import build_classifier
 from dfkd.replay import ReplayMemory
-from dfkd.teachers import classifier_meta, get_teacher, save_classifier
+from dfkd.pool import load_pool
+from dfkd.teachers import classifier_meta, save_classifier
 from dfkd.tracking import Tracker
 from generators import build_generator
 
@@ -86,13 +88,15 @@ def _every(step: int, interval: int, last: int) -> bool:
 
 
 class Trainer:
-    """Data-free adversarial distillation of one teacher into one student, in `run_dir`."""
+    """Data-free adversarial distillation of a teacher (or a pool of them) into one student, in `run_dir`."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, dataset: Dataset | None = None, progress: bool = True):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.device = resolve_device(cfg.train.device)
         self.dataset = dataset or load_dataset(cfg.data)
-        self.teacher, self.teacher_meta = get_teacher(cfg.data, cfg.teacher, self.dataset, self.device, progress)
+        self.pool = load_pool(cfg, self.dataset, self.device, progress)
+        # The teacher this iteration plays against, and the pool member the feature term reads.
+        self.teacher, self.feature_teacher = self.pool.inputs[0], None
         torch.manual_seed(cfg.train.seed)
         info = self.dataset.info
         self.student = build_classifier(cfg.student.arch, info.channels, info.num_classes, cfg.data.image_size).to(self.device)
@@ -115,7 +119,10 @@ class Trainer:
         self.rollbacks = 0
         self.collapse = CollapseMonitor(cfg.train.collapse_threshold, cfg.train.collapse_patience)
         self.run_id = uuid.uuid4().hex[:8]
-        self.teacher_acc = accuracy(self.teacher, self.dataset.test, self.device)
+        self._check_feature_layers()
+        self.teacher_preds = [predictions(t, self.dataset.test, self.device) for t in self.pool.inputs]
+        self.teacher_accs = [agreement(p, self.dataset.test.labels) for p in self.teacher_preds]
+        self.teacher_acc = max(self.teacher_accs)  # ratios are against the best single teacher
 
     # ---- the game -------------------------------------------------------------------------
     def sample_latent(self) -> torch.Tensor:
@@ -139,8 +146,28 @@ class Trainer:
         x = self.generator(self.sample_latent())
         return x, self.teacher(x)
 
+    def _check_feature_layers(self) -> None:
+        pairs = self.cfg.method.features
+        if not pairs:
+            return
+        if self.pool.strategy.mixes_teachers:
+            raise DfkdError(f"method.features needs one teacher to read per iteration; pool.strategy="
+                            f"{self.cfg.pool.strategy} mixes several: use random, round_robin or split")  # fmt: skip
+        find_layers(self.student, [s for s, _ in pairs], f"student {self.cfg.student.arch}")
+        for meta, model in zip(self.pool.metas, self.pool.models):
+            find_layers(model, [t for _, t in pairs], f"teacher {meta['arch']}")
+
     def student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        losses = self.method.student_losses(self.student(x), teacher_logits)
+        pairs = self.cfg.method.features
+        if not pairs:
+            losses = self.method.student_losses(self.student(x), teacher_logits)
+        else:
+            with capture(self.student, [s for s, _ in pairs]) as fs:
+                logits = self.student(x)
+            i = self.feature_teacher
+            with torch.no_grad(), capture(self.pool.models[i], [t for _, t in pairs]) as ft:
+                self.pool.inputs[i](x)
+            losses = self.method.student_losses(logits, teacher_logits, [(fs[s], ft[t]) for s, t in pairs])
         self.opt_s.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self._clip(self.student, self.cfg.student_optim)
@@ -164,6 +191,7 @@ class Trainer:
 
     def iteration(self) -> dict[str, torch.Tensor]:
         m = self.cfg.method
+        self.teacher, self.feature_teacher = self.pool.choose(self.step)
         for _ in range(m.n_generator_steps):
             g, latest = self.generator_step()
         if self.memory is not None:
@@ -176,6 +204,7 @@ class Trainer:
         # A generator collapsing onto few classes shows here first.
         out = {"train/loss_G": g["loss"], "train/loss_S": s["loss"], "train/top_class_frac": classes.max() / classes.sum()}
         out.update({f"train/{k}": v for k, v in g.items() if k != "loss"})
+        out.update({f"train/loss_S_{k}": v for k, v in s.items() if k != "loss"})
         return {k: v.detach() for k, v in out.items()}
 
     @staticmethod
@@ -203,7 +232,7 @@ class Trainer:
         tracker = Tracker(self.run_dir, self.cfg.tracking, config_to_dict(self.cfg), self.run_id,
                           resume_step=self.step if self.step else None)  # fmt: skip
         if self.step == 0:
-            tracker.log({"teacher/acc": self.teacher_acc}, step=0)
+            tracker.log(self.teacher_metrics(), step=0)
             self.save_checkpoint()  # the state a divergence before the first checkpoint rolls back to
         bar = tqdm(total=cfg.iterations, initial=self.step, desc="distill", disable=not self.progress, unit="it")
         start = time.perf_counter() - self.wall_s
@@ -255,6 +284,8 @@ class Trainer:
                 metrics["perf/student_images_per_s"] = images / max(now - last_log, 1e-9)
                 metrics["train/lr_S"] = self.opt_s.param_groups[0]["lr"]
                 metrics["health/collapse"] = self._check_collapse(metrics["train/top_class_frac"])
+                if len(self.pool) > 1:
+                    metrics.update({f"pool/uses_{n}": u for n, u in zip(self.pool.names, self.pool.uses)})
                 tracker.log(metrics, step)
                 bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", best=f"{self.best_acc:.1f}")
                 sums, count, last_log = {}, 0, now
@@ -298,10 +329,20 @@ class Trainer:
                  f"(over {self.collapse.patience} log intervals); see samples/ and consider method.priors")  # fmt: skip
         return float(collapsed)
 
+    def teacher_metrics(self) -> dict[str, float]:
+        out = {"teacher/acc": self.teacher_acc}
+        if len(self.pool) > 1:
+            out.update({f"teacher/acc_{n}": a for n, a in zip(self.pool.names, self.teacher_accs)})
+            out["teacher/ensemble_acc"] = accuracy(self.pool.ensemble(), self.dataset.test, self.device)
+        return out
+
     def evaluate(self) -> dict[str, float]:
-        acc = accuracy(self.deployed_student, self.dataset.test, self.device)
+        preds = predictions(self.deployed_student, self.dataset.test, self.device)
+        acc = agreement(preds, self.dataset.test.labels)
         self.best_acc = max(self.best_acc, acc)
         evals = {"eval/student_acc": acc, "eval/best_student_acc": self.best_acc, "eval/ratio": acc / self.teacher_acc}
+        if len(self.pool) > 1:  # how closely the student follows each teacher
+            evals.update({f"eval/agree_{n}": agreement(preds, p) for n, p in zip(self.pool.names, self.teacher_preds)})
         if self.ema is not None:
             evals["eval/raw_student_acc"] = accuracy(self.student, self.dataset.test, self.device)
         return evals
@@ -328,7 +369,8 @@ class Trainer:
             "iterations": self.step,
             "wall_s": round(self.wall_s, 2),
             "images_per_s": round(self.step * self.cfg.method.n_student_steps * cfg.batch_size / max(self.wall_s, 1e-9), 1),
-            "teacher": self.teacher_meta.get("path") or self.cfg.teacher.checkpoint,
+            "teacher_accs": self.teacher_accs,
+            "teachers": [meta.get("path") or r.checkpoint for meta, r in zip(self.pool.metas, self.cfg.teacher_recipes)],
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         student_path = self.run_dir / "student.pt"
@@ -361,6 +403,7 @@ class Trainer:
             state["ema"] = self.ema.state_dict()
         if self.memory is not None:
             state["memory"] = self.memory.state_dict()
+        state["pool"] = self.pool.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
@@ -390,6 +433,7 @@ class Trainer:
         self.sched_s.load_state_dict(state["sched_s"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.latent_rng.set_state(state["latent_rng"])
+        self.pool.load_state_dict(state["pool"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

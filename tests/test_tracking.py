@@ -25,7 +25,7 @@ def test_real_offline_wandb_run_writes_its_files(tiny, tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("step" in r for r in records)
     keys = {k for r in records for k in r if k != "step"}
-    assert keys and all(k.split("/")[0] in {"train", "eval", "perf", "teacher", "health"} for k in keys)
+    assert keys and all(k.split("/")[0] in {"train", "eval", "perf", "teacher", "health", "pool"} for k in keys)
     assert {"train/loss_S", "train/loss_G", "eval/student_acc", "teacher/acc"} <= keys
 
 

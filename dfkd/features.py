@@ -1,0 +1,50 @@
+"""Intermediate activations, read by module path through forward hooks that keep no state.
+
+The hooks live only inside one `capture` block and write into that block's own dict, so a model
+carries nothing between forwards and can be captured from by several callers.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from dfkd.errors import DfkdError
+
+
+def find_layers(model: nn.Module, paths: Sequence[str], owner: str) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    for path in paths:
+        if path not in modules:
+            raise DfkdError(f"{owner} has no layer {path!r}; list its layers with: dfkd layers ARCH")
+    return {path: modules[path] for path in paths}
+
+
+@contextmanager
+def capture(model: nn.Module, paths: Sequence[str], owner: str = "model") -> Iterator[dict[str, torch.Tensor]]:
+    """`with capture(net, ["features.2"]) as feats: net(x)` leaves the layer's output in feats["features.2"]."""
+    feats: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _in, out, path=path: feats.__setitem__(path, out))
+        for path, module in find_layers(model, paths, owner).items()
+    ]
+    try:
+        yield feats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(path, module type, output shape) for every named module, from one forward of zeros."""
+    names = [name for name, _ in model.named_modules() if name]
+    was_training = model.training
+    model.eval()
+    with capture(model, names) as feats:
+        model(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    modules = dict(model.named_modules())
+    return [(n, type(modules[n]).__name__, tuple(feats[n].shape[1:])) for n in names if isinstance(feats.get(n), torch.Tensor)]

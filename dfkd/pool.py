@@ -1,0 +1,192 @@
+"""A pool of frozen teachers and the strategies that pick who plays each iteration.
+
+A strategy turns (step, seeded generator) into a `Choice`: whose logits, with what weights, form
+the teacher the generator and the student's response term see this iteration, and whose
+features the feature term reads. A single teacher is a pool of one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from dfkd.config import ExperimentConfig, PoolConfig
+from dfkd.data import Dataset
+from dfkd.errors import DfkdError
+from dfkd.registry import Registry
+from dfkd.teachers import check_compatible, get_teacher
+
+STRATEGIES: Registry = Registry("teacher strategy")
+
+
+@dataclass(frozen=True)
+class Choice:
+    response: dict[int, float]  # teacher index -> weight of its logits
+    feature: int | None  # the teacher whose layers the feature term reads
+
+
+class Strategy:
+    mixes_teachers = False  # True: no single teacher to read features from
+
+    def __init__(self, n: int, cfg: PoolConfig):
+        self.n = n
+
+    def choose(self, step: int, rng: torch.Generator) -> Choice:
+        raise NotImplementedError
+
+
+@STRATEGIES.register("random")
+class RandomTeacher(Strategy):
+    """One teacher uniformly at random per iteration, from the run's seeded generator."""
+
+    def choose(self, step, rng):
+        i = int(torch.randint(self.n, (1,), generator=rng))
+        return Choice({i: 1.0}, i)
+
+
+@STRATEGIES.register("round_robin")
+class RoundRobin(Strategy):
+    def choose(self, step, rng):
+        return Choice({step % self.n: 1.0}, step % self.n)
+
+
+@STRATEGIES.register("weighted")
+class Weighted(Strategy):
+    """A fixed weighted average of all teachers' logits (`pool.weights`, normalized to sum 1)."""
+
+    mixes_teachers = True
+
+    def __init__(self, n, cfg):
+        super().__init__(n, cfg)
+        if len(cfg.weights) != n or any(w < 0 for w in cfg.weights) or sum(cfg.weights) <= 0:
+            raise DfkdError(f"pool.weights must hold {n} non-negative weights, one per teacher, not all 0; got {cfg.weights}")
+        total = sum(cfg.weights)
+        self.weights = {i: w / total for i, w in enumerate(cfg.weights) if w > 0}
+
+    def choose(self, step, rng):
+        return Choice(self.weights, None)
+
+
+@STRATEGIES.register("mean")
+class Mean(Weighted):
+    """The average of all teachers' logits."""
+
+    def __init__(self, n, cfg):
+        super().__init__(n, PoolConfig(weights=[1.0] * n))
+
+
+@STRATEGIES.register("split")
+class KnowledgeSplit(Strategy):
+    """One teacher supplies the response term (and plays the generator), another the feature term."""
+
+    def __init__(self, n, cfg):
+        super().__init__(n, cfg)
+        for key in ("response_teacher", "feature_teacher"):
+            if not 0 <= getattr(cfg, key) < n:
+                raise DfkdError(f"pool.{key} must index one of the {n} teachers (0..{n - 1}), got {getattr(cfg, key)}")
+        self.choice = Choice({cfg.response_teacher: 1.0}, cfg.feature_teacher)
+
+    def choose(self, step, rng):
+        return self.choice
+
+
+class Ensemble(nn.Module):
+    """Weighted sum of the members' logits."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float]):
+        super().__init__()
+        self.members, self.weights = nn.ModuleList(members), weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(w * m(x) for m, w in zip(self.members, self.weights))
+
+
+class Renormalized(nn.Module):
+    """A teacher trained on other input statistics than the data's: maps the generator's space
+    (normalized with the dataset's mean and std) into the teacher's own."""
+
+    def __init__(self, model: nn.Module, data_mean, data_std, own_mean, own_std):
+        super().__init__()
+        self.model = model
+        shape = (1, -1, 1, 1)
+        dm, ds, om, os_ = (torch.tensor(v, dtype=torch.float32).view(shape) for v in (data_mean, data_std, own_mean, own_std))
+        self.register_buffer("scale", ds / os_)
+        self.register_buffer("shift", (dm - om) / os_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale + self.shift)
+
+
+class TeacherPool:
+    """The frozen teachers (`models`, as loaded; `inputs`, taking the generator's space) and the
+    strategy that picks who plays; `uses` counts iterations per teacher."""
+
+    def __init__(self, models: list[nn.Module], metas: list[dict], dataset: Dataset, cfg: PoolConfig, seed: int):
+        self.models, self.metas = models, metas
+        info = dataset.info
+        self.inputs = [
+            m if _same(meta, info) else Renormalized(m, info.mean, info.std, meta["mean"], meta["std"]).to(_device(m))
+            for m, meta in zip(models, metas)
+        ]
+        self.strategy = STRATEGIES.get(cfg.strategy)(len(models), cfg)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.uses = [0] * len(models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"t{i}" for i in range(len(self))]
+
+    def choose(self, step: int) -> tuple[nn.Module, int | None]:
+        """This iteration's teacher (one member or a weighted ensemble) and its feature source."""
+        choice = self.strategy.choose(step, self.rng)
+        for i in choice.response:
+            self.uses[i] += 1
+        if len(choice.response) == 1 and next(iter(choice.response.values())) == 1.0:
+            return self.inputs[next(iter(choice.response))], choice.feature
+        members = [self.inputs[i] for i in choice.response]
+        return Ensemble(members, list(choice.response.values())), choice.feature
+
+    def ensemble(self) -> nn.Module:
+        return Ensemble(self.inputs, [1.0 / len(self)] * len(self))
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state(), "uses": torch.tensor(self.uses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self.uses = state["uses"].tolist()
+
+
+def _same(meta: dict, info) -> bool:
+    return list(meta.get("mean", info.mean)) == list(info.mean) and list(meta.get("std", info.std)) == list(info.std)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_agreement(metas: list[dict], sources: list[str]) -> None:
+    """Every teacher must agree with the first on the label space and the input shape."""
+    for key in ("num_classes", "in_channels", "image_size"):
+        for i in range(1, len(metas)):
+            if metas[i].get(key) != metas[0].get(key):
+                raise DfkdError(
+                    f"teachers {sources[0]} and {sources[i]} disagree on {key}: {metas[0].get(key)} vs {metas[i].get(key)}"
+                )
+
+
+def load_pool(cfg: ExperimentConfig, dataset: Dataset, device: torch.device, progress: bool = True) -> TeacherPool:
+    recipes = cfg.teacher_recipes
+    loaded = [get_teacher(cfg.data, recipe, dataset, device, progress) for recipe in recipes]
+    models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
+    if len(recipes) == 1:
+        sources = [repr(recipes[0].checkpoint) if recipes[0].checkpoint else recipes[0].arch]
+    else:
+        sources = [f"teachers[{i}] ({r.checkpoint or r.arch})" for i, r in enumerate(recipes)]
+    check_agreement(metas, sources)
+    check_compatible(metas[0], dataset, sources[0])
+    return TeacherPool(models, metas, dataset, cfg.pool, seed=cfg.train.seed + 2)
