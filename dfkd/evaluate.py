@@ -19,7 +19,7 @@ def predictions(model: nn.Module, split: Split, device: torch.device | str = "cp
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Percent of positions where two prediction vectors agree."""
-    return 100.0 * (a == b).float().mean().item() if len(a) else 0.0
+    return 100.0 * int((a == b).sum()) / len(a) if len(a) else 0.0
 
 
 def accuracy(model: nn.Module, split: Split, device: torch.device | str = "cpu", batch_size: int = 1000) -> float:

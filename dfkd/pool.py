@@ -27,10 +27,10 @@ class Choice:
 
 
 class Strategy:
-    mixes_teachers = False  # True: no single teacher to read features from
-
     def __init__(self, n: int, cfg: PoolConfig):
         self.n = n
+        # The teachers the feature term may read (none where the logits of several are mixed).
+        self.feature_sources = list(range(n))
 
     def choose(self, step: int, rng: torch.Generator) -> Choice:
         raise NotImplementedError
@@ -55,10 +55,9 @@ class RoundRobin(Strategy):
 class Weighted(Strategy):
     """A fixed weighted average of all teachers' logits (`pool.weights`, normalized to sum 1)."""
 
-    mixes_teachers = True
-
     def __init__(self, n, cfg):
         super().__init__(n, cfg)
+        self.feature_sources = []
         if len(cfg.weights) != n or any(w < 0 for w in cfg.weights) or sum(cfg.weights) <= 0:
             raise DfkdError(f"pool.weights must hold {n} non-negative weights, one per teacher, not all 0; got {cfg.weights}")
         total = sum(cfg.weights)
@@ -86,6 +85,7 @@ class KnowledgeSplit(Strategy):
             if not 0 <= getattr(cfg, key) < n:
                 raise DfkdError(f"pool.{key} must index one of the {n} teachers (0..{n - 1}), got {getattr(cfg, key)}")
         self.choice = Choice({cfg.response_teacher: 1.0}, cfg.feature_teacher)
+        self.feature_sources = [cfg.feature_teacher]
 
     def choose(self, step, rng):
         return self.choice
@@ -186,7 +186,7 @@ def load_pool(cfg: ExperimentConfig, dataset: Dataset, device: torch.device, pro
     if len(recipes) == 1:
         sources = [repr(recipes[0].checkpoint) if recipes[0].checkpoint else recipes[0].arch]
     else:
-        sources = [f"teachers[{i}] ({r.checkpoint or r.arch})" for i, r in enumerate(recipes)]
+        sources = [f"#{i} ({r.checkpoint or r.arch})" for i, r in enumerate(recipes)]
     check_agreement(metas, sources)
     check_compatible(metas[0], dataset, sources[0])
     return TeacherPool(models, metas, dataset, cfg.pool, seed=cfg.train.seed + 2)

@@ -150,12 +150,13 @@ class Trainer:
         pairs = self.cfg.method.features
         if not pairs:
             return
-        if self.pool.strategy.mixes_teachers:
+        sources = self.pool.strategy.feature_sources
+        if not sources:
             raise DfkdError(f"method.features needs one teacher to read per iteration; pool.strategy="
                             f"{self.cfg.pool.strategy} mixes several: use random, round_robin or split")  # fmt: skip
         find_layers(self.student, [s for s, _ in pairs], f"student {self.cfg.student.arch}")
-        for meta, model in zip(self.pool.metas, self.pool.models):
-            find_layers(model, [t for _, t in pairs], f"teacher {meta['arch']}")
+        for i in sources:
+            find_layers(self.pool.models[i], [t for _, t in pairs], f"teacher {self.pool.metas[i]['arch']}")
 
     def student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         pairs = self.cfg.method.features

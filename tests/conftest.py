@@ -33,7 +33,10 @@ def tiny_config(**sections) -> ExperimentConfig:
         "tracking": {"mode": "disabled"},
     }
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
     return config_from_dict(data)
 
 

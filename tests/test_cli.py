@@ -53,6 +53,8 @@ def workspace(tmp_path_factory):
     meta = {"arch": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32}
     save_classifier(root / "misfit.pt", build_classifier("lenet5_half", 1, 10, 32), meta)
     save_classifier(root / "rgb.pt", build_classifier("lenet5", 3, 10, 32), {**meta, "in_channels": 3})
+    save_classifier(root / "good.pt", build_classifier("lenet5", 1, 10, 32), meta)
+    save_classifier(root / "five.pt", build_classifier("lenet5", 1, 5, 32), {**meta, "num_classes": 5})
     (root / "file").write_text("")
     return root
 
@@ -76,6 +78,8 @@ BAD_INPUT = {
     "corrupt checkpoint": (["teacher.checkpoint={w}/junk.pt"], "checkpoint '{w}/junk.pt' is unreadable or corrupt"),
     "weights misfit": (["teacher.checkpoint={w}/misfit.pt"], "checkpoint '{w}/misfit.pt' does not fit its architecture"),
     "teacher input shape": (["teacher.checkpoint={w}/rgb.pt"], "has in_channels=3 but dataset mnist5k needs 1"),
+    "teachers disagree": (["teachers=[{checkpoint: {w}/good.pt}, {checkpoint: {w}/five.pt}]"],
+                          "teachers #0 ({w}/good.pt) and #1 ({w}/five.pt) disagree on num_classes: 10 vs 5"),
     "missing dataset path": (["data.name=fashion_mnist", "data.root={w}/no/dir"], "data.root '{w}/no/dir' does not exist"),
     "unwritable output": (["--out", "{w}/file/run"], "cannot write to run directory '{w}/file/run'"),
     "existing run without --resume": (["--out", "{w}/run"], "exists; pass --resume to continue it or --overwrite"),
