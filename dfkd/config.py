@@ -89,6 +89,24 @@ class MethodConfig:
     features: list[list[str]] = field(default_factory=list)
     feature_loss: str = "at"  # a registered feature term (dfkd.losses.FEATURE_LOSSES)
     feature_weight: float = 250.0  # ZSKT's beta for attention transfer
+    # GAN-KD (name: gankd): the student minimizes CE(student, teacher argmax) + alpha * KL(teacher,
+    # student) + beta * the GAN loss of a discriminator (`discriminator`) telling the teacher's
+    # outputs (or features) from the student's. beta 0 builds no discriminator.
+    alpha: float = 1.0
+    beta: float = 0.1
+    gan_loss: str = "bce"  # a registered GAN objective (dfkd.losses.GAN_LOSSES): bce | lsgan | hinge
+
+
+@dataclass
+class DiscriminatorConfig:
+    """GAN-KD's discriminator: over class probabilities (`mlp`), or over a feature map (`conv`,
+    `feature_mlp`) of `layers` = [student layer, teacher layer]."""
+
+    name: str = "mlp"  # a registered discriminator (discriminators.DISCRIMINATORS)
+    width: int = 128
+    spectral_norm: bool = False
+    layers: list[str] = field(default_factory=list)
+    steps: int = 1  # discriminator steps before each student step
 
 
 @dataclass
@@ -144,8 +162,10 @@ class ExperimentConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     student_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     generator_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    discriminator_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-4, betas=[0.5, 0.999]))
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -170,6 +190,9 @@ class ExperimentConfig:
             "method.temperature": self.method.temperature,
             "train.collapse_patience": self.train.collapse_patience,
             "tracking.init_timeout": self.tracking.init_timeout,
+            "discriminator.width": self.discriminator.width,
+            "discriminator.steps": self.discriminator.steps,
+            "discriminator_optim.lr": self.discriminator_optim.lr,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -189,12 +212,19 @@ class ExperimentConfig:
             "tracking.mode": (self.tracking.mode, ("online", "offline", "disabled")),
             "student_optim.name": (self.student_optim.name, ("adam", "sgd")),
             "generator_optim.name": (self.generator_optim.name, ("adam", "sgd")),
+            "discriminator_optim.name": (self.discriminator_optim.name, ("adam", "sgd")),
+            "discriminator_optim.schedule": (self.discriminator_optim.schedule, ("constant", "cosine")),
             "student_optim.schedule": (self.student_optim.schedule, ("constant", "cosine")),
             "generator_optim.schedule": (self.generator_optim.schedule, ("constant", "cosine")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise DfkdError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+        for key in ("alpha", "beta"):
+            if getattr(self.method, key) < 0:
+                raise DfkdError(f"method.{key} must be 0 (off) or positive, got {getattr(self.method, key)}")
+        if self.discriminator.layers and len(self.discriminator.layers) != 2:
+            raise DfkdError(f"discriminator.layers must be [student_layer, teacher_layer], got {self.discriminator.layers}")
         for i, pair in enumerate(self.method.features):
             if len(pair) != 2:
                 raise DfkdError(f"method.features[{i}] must be a pair [student_layer, teacher_layer], got {pair}")

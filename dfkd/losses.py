@@ -79,3 +79,51 @@ def attention_transfer(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     attention maps. Maps of different resolutions meet at the smaller one."""
     size = tuple(min(a, b) for a, b in zip(student.shape[-2:], teacher.shape[-2:]))
     return (attention_map(student, size) - attention_map(teacher, size)).pow(2).mean()
+
+
+# GAN objectives for the discriminator variant: the discriminator's loss on (real, fake) logits,
+# the student's (generator-side) loss on fake logits, and the logit above which D says "real".
+GAN_LOSSES: Registry = Registry("GAN loss")
+
+
+class GanLoss:
+    threshold = 0.0
+
+    def discriminator(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def student(self, fake: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@GAN_LOSSES.register("bce")
+class NonSaturatingBCE(GanLoss):
+    """Goodfellow et al.'s cross-entropy; the student maximizes log D(fake) (non-saturating)."""
+
+    def discriminator(self, real, fake):
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+    def student(self, fake):
+        return F.softplus(-fake).mean()
+
+
+@GAN_LOSSES.register("lsgan")
+class LeastSquares(GanLoss):
+    """Mao et al.: targets 1 for real, 0 for fake."""
+
+    threshold = 0.5
+
+    def discriminator(self, real, fake):
+        return 0.5 * (real - 1).pow(2).mean() + 0.5 * fake.pow(2).mean()
+
+    def student(self, fake):
+        return 0.5 * (fake - 1).pow(2).mean()
+
+
+@GAN_LOSSES.register("hinge")
+class Hinge(GanLoss):
+    def discriminator(self, real, fake):
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+
+    def student(self, fake):
+        return -fake.mean()

@@ -6,9 +6,10 @@ mechanic. Each `*_losses` returns a dict of scalar tensors with the total under 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dfkd.config import MethodConfig
-from dfkd.losses import FEATURE_LOSSES, LOSSES, PRIORS
+from dfkd.losses import FEATURE_LOSSES, GAN_LOSSES, LOSSES, PRIORS, kl
 from dfkd.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -33,16 +34,52 @@ class Adversarial:
             out["loss"] = out["loss"] + weight * out[f"prior_{name}"]
         return out
 
+    uses_discriminator = False
+
     def student_losses(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-        feature_pairs: list[tuple[torch.Tensor, torch.Tensor]] = (),
+        feature_pairs: list[tuple[torch.Tensor, torch.Tensor]] = (), d_fake: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         """The response term, plus `feature_weight` times the feature term summed over layer pairs."""
         d = self.discrepancy(student_logits, teacher_logits, self.temperature)
         if not feature_pairs:
             return {"loss": d}
-        f = sum(self.feature_loss(s, t) for s, t in feature_pairs)
-        return {"loss": d + self.feature_weight * f, "response": d, "feature": f}
+        return self._with_features({"loss": d, "response": d}, feature_pairs)
+
+    def _with_features(self, out: dict[str, torch.Tensor], feature_pairs) -> dict[str, torch.Tensor]:
+        if feature_pairs:
+            out["feature"] = sum(self.feature_loss(s, t) for s, t in feature_pairs)
+            out["loss"] = out["loss"] + self.feature_weight * out["feature"]
+        return out
+
+
+@METHODS.register("gankd")
+class GanKD(Adversarial):
+    """GAN-KD without data: the generator plays the same hard-example game; the student minimizes
+    CE(student, teacher argmax) + alpha * KL(teacher || student) + beta * GAN loss, where a
+    discriminator tells teacher outputs (real) from student outputs (fake)."""
+
+    def __init__(self, cfg: MethodConfig):
+        super().__init__(cfg)
+        self.alpha, self.beta = cfg.alpha, cfg.beta
+        self.gan = GAN_LOSSES.get(cfg.gan_loss)()
+        self.uses_discriminator = cfg.beta > 0
+
+    def student_losses(self, student_logits, teacher_logits, feature_pairs=(), d_fake=None):
+        ce = F.cross_entropy(student_logits, teacher_logits.argmax(1))
+        div = kl(student_logits, teacher_logits, self.temperature)
+        out = {"loss": ce + self.alpha * div, "ce": ce, "kl": div}
+        if d_fake is not None:
+            out["gan"] = self.gan.student(d_fake)
+            out["loss"] = out["loss"] + self.beta * out["gan"]
+        return self._with_features(out, feature_pairs)
+
+    def discriminator_losses(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The discriminator's loss, and its accuracy (a metric, no gradient) on both halves."""
+        with torch.no_grad():
+            t = self.gan.threshold
+            acc = 0.5 * ((d_real > t).float().mean() + (d_fake <= t).float().mean())
+        return {"loss": self.gan.discriminator(d_real, d_fake), "acc": acc}
 
 
 def build_method(cfg: MethodConfig):

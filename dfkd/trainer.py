@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
@@ -29,7 +30,7 @@ from dfkd.config import ExperimentConfig, OptimizerConfig, config_to_dict
 from dfkd.data import Dataset, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, agreement, predictions
-from dfkd.features import capture, find_layers
+from dfkd.features import capture, find_layers, layer_shapes
 from dfkd.health import CollapseMonitor, first_non_finite
 from dfkd.methods import build_method
 from dfkd.models import build_classifier
@@ -37,6 +38,7 @@ from dfkd.replay import ReplayMemory
 from dfkd.pool import load_pool
 from dfkd.teachers import classifier_meta, save_classifier
 from dfkd.tracking import Tracker
+from discriminators import DISCRIMINATORS, Adapter, build_discriminator
 from generators import build_generator
 
 N_FIXED_SAMPLES = 64
@@ -96,7 +98,7 @@ class Trainer:
         self.dataset = dataset or load_dataset(cfg.data)
         self.pool = load_pool(cfg, self.dataset, self.device, progress)
         # The teacher this iteration plays against, and the pool member the feature term reads.
-        self.teacher, self.feature_teacher = self.pool.inputs[0], None
+        self.teacher, self.feature_teacher = self.pool.inputs[0], next(iter(self.pool.strategy.feature_sources), None)
         torch.manual_seed(cfg.train.seed)
         info = self.dataset.info
         self.student = build_classifier(cfg.student.arch, info.channels, info.num_classes, cfg.data.image_size).to(self.device)
@@ -106,10 +108,17 @@ class Trainer:
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if cfg.train.student_ema > 0 else None
         self.method = build_method(cfg.method)
         self.memory = ReplayMemory(cfg.method.replay_size) if cfg.method.replay_size else None
-        self.opt_s = build_optimizer(self.student.parameters(), cfg.student_optim)
+        self._check_feature_layers()
+        self.discriminator, self.adapter = self._build_discriminator()
+        # The student's side of the game: the student, and the adapter its features pass through.
+        self.student_params = [*self.student.parameters(), *(self.adapter.parameters() if self.adapter else ())]
+        self.opt_s = build_optimizer(self.student_params, cfg.student_optim)
         self.opt_g = build_optimizer(self.generator.parameters(), cfg.generator_optim)
         self.sched_s = build_schedule(self.opt_s, cfg.student_optim, cfg.train.iterations)
         self.sched_g = build_schedule(self.opt_g, cfg.generator_optim, cfg.train.iterations)
+        if self.discriminator is not None:
+            self.opt_d = build_optimizer(self.discriminator.parameters(), cfg.discriminator_optim)
+            self.sched_d = build_schedule(self.opt_d, cfg.discriminator_optim, cfg.train.iterations)
         self.latent_rng = torch.Generator().manual_seed(cfg.train.seed)
         # One fixed latent batch makes sample grids comparable over time.
         self.fixed_z = torch.randn(N_FIXED_SAMPLES, cfg.generator.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed + 1))
@@ -119,7 +128,6 @@ class Trainer:
         self.rollbacks = 0
         self.collapse = CollapseMonitor(cfg.train.collapse_threshold, cfg.train.collapse_patience)
         self.run_id = uuid.uuid4().hex[:8]
-        self._check_feature_layers()
         self.teacher_preds = [predictions(t, self.dataset.test, self.device) for t in self.pool.inputs]
         self.teacher_accs = [agreement(p, self.dataset.test.labels) for p in self.teacher_preds]
         self.teacher_acc = max(self.teacher_accs)  # ratios are against the best single teacher
@@ -136,7 +144,7 @@ class Trainer:
         losses = self.method.generator_losses(self.student(x), teacher_logits)
         self.opt_g.zero_grad(set_to_none=True)
         losses["loss"].backward(inputs=list(self.generator.parameters()))
-        self._clip(self.generator, self.cfg.generator_optim)
+        self._clip(self.generator.parameters(), self.cfg.generator_optim)
         self.opt_g.step()
         return losses, (x.detach(), teacher_logits.detach())
 
@@ -146,35 +154,94 @@ class Trainer:
         x = self.generator(self.sample_latent())
         return x, self.teacher(x)
 
+    @property
+    def layer_pairs(self) -> list[list[str]]:
+        """[student layer, teacher layer] pairs read this run: feature terms, then the discriminator's."""
+        d = self.cfg.discriminator.layers if self.method.uses_discriminator else []
+        return [*self.cfg.method.features, *([d] if d else [])]
+
     def _check_feature_layers(self) -> None:
-        pairs = self.cfg.method.features
+        pairs = self.layer_pairs
         if not pairs:
             return
         sources = self.pool.strategy.feature_sources
         if not sources:
-            raise DfkdError(f"method.features needs one teacher to read per iteration; pool.strategy="
+            raise DfkdError(f"feature layers need one teacher to read per iteration; pool.strategy="
                             f"{self.cfg.pool.strategy} mixes several: use random, round_robin or split")  # fmt: skip
         find_layers(self.student, [s for s, _ in pairs], f"student {self.cfg.student.arch}")
         for i in sources:
             find_layers(self.pool.models[i], [t for _, t in pairs], f"teacher {self.pool.metas[i]['arch']}")
 
-    def student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        pairs = self.cfg.method.features
-        if not pairs:
-            losses = self.method.student_losses(self.student(x), teacher_logits)
-        else:
-            with capture(self.student, [s for s, _ in pairs]) as fs:
-                logits = self.student(x)
+    def _build_discriminator(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """The discriminator (None unless the method uses one), and the student's feature adapter
+        when the discriminator reads a student layer whose shape differs from the teacher's."""
+        if not self.method.uses_discriminator:
+            return None, None
+        d, info = self.cfg.discriminator, self.dataset.info
+        reads = DISCRIMINATORS.get(d.name).reads
+        if reads == "features" and not d.layers:
+            raise DfkdError(f"discriminator.name={d.name} reads feature maps: set discriminator.layers "
+                            "[student_layer, teacher_layer], or use discriminator.name=mlp on outputs")  # fmt: skip
+        if reads == "outputs" and d.layers:
+            raise DfkdError(f"discriminator.name={d.name} reads class probabilities; for discriminator.layers "
+                            "use conv or feature_mlp")  # fmt: skip
+        if not d.layers:
+            return build_discriminator(d.name, info.num_classes, d.width, d.spectral_norm).to(self.device), None
+        shape = (info.channels, self.cfg.data.image_size, self.cfg.data.image_size)
+        s_path, t_path = d.layers
+        s_shape = dict((p, sh) for p, _, sh in layer_shapes(self.student, shape))[s_path]
+        t_shapes = {dict((p, sh) for p, _, sh in layer_shapes(self.pool.models[i], shape))[t_path]
+                    for i in self.pool.strategy.feature_sources}  # fmt: skip
+        if len(t_shapes) > 1:
+            raise DfkdError(f"teacher layer {t_path!r} differs in shape across the pool ({sorted(t_shapes)}); "
+                            "use pool.strategy=split to read one teacher")  # fmt: skip
+        (t_shape,) = t_shapes
+        adapter = None if s_shape == t_shape else Adapter(s_shape[0], t_shape[0], t_shape[1:]).to(self.device)
+        return build_discriminator(d.name, t_shape[0], d.width, d.spectral_norm).to(self.device), adapter
+
+    def student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[dict, dict]:
+        """Discriminator steps (when there is one) then one student step, on one batch. Returns
+        the student's losses and the last discriminator step's (empty without one)."""
+        pairs = self.layer_pairs
+        with capture(self.student, [s for s, _ in pairs]) as fs:
+            logits = self.student(x)
+        ft = {}
+        if pairs:
             i = self.feature_teacher
             with torch.no_grad(), capture(self.pool.models[i], [t for _, t in pairs]) as ft:
                 self.pool.inputs[i](x)
-            losses = self.method.student_losses(logits, teacher_logits, [(fs[s], ft[t]) for s, t in pairs])
+        feature_pairs = [(fs[s], ft[t]) for s, t in self.cfg.method.features]
+        d_losses, d_fake = {}, None
+        if self.discriminator is not None:
+            real, fake = self._discriminator_views(logits, teacher_logits, fs, ft)
+            for _ in range(self.cfg.discriminator.steps):
+                d_losses = self.discriminator_step(real, fake.detach())
+            d_fake = self.discriminator(fake)
+        losses = self.method.student_losses(logits, teacher_logits, feature_pairs, d_fake)
         self.opt_s.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self._clip(self.student, self.cfg.student_optim)
+        losses["loss"].backward(inputs=self.student_params)  # never into the discriminator
+        self._clip(self.student_params, self.cfg.student_optim)
         self.opt_s.step()
         if self.ema is not None:
             ema_update(self.ema, self.student, self.cfg.train.student_ema)
+        return losses, d_losses
+
+    def _discriminator_views(self, logits, teacher_logits, fs, ft) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the discriminator compares: the teacher's (real) and the student's (fake)
+        temperature-softened probabilities, or their feature maps at discriminator.layers."""
+        layers = self.cfg.discriminator.layers
+        if not layers:
+            tau = self.cfg.method.temperature
+            return F.softmax(teacher_logits / tau, dim=1), F.softmax(logits / tau, dim=1)
+        s_path, t_path = layers
+        return ft[t_path], fs[s_path] if self.adapter is None else self.adapter(fs[s_path])
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = self.method.discriminator_losses(self.discriminator(real), self.discriminator(fake))
+        self.opt_d.zero_grad(set_to_none=True)
+        losses["loss"].backward(inputs=list(self.discriminator.parameters()))
+        self._clip(self.discriminator.parameters(), self.cfg.discriminator_optim)
+        self.opt_d.step()
         return losses
 
     def student_batch(self, latest: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,20 +265,22 @@ class Trainer:
         if self.memory is not None:
             self.memory.add(*latest)
         for _ in range(m.n_student_steps):
-            s = self.student_step(*self.student_batch(latest))
-        self.sched_s.step()
-        self.sched_g.step()
+            s, d = self.student_step(*self.student_batch(latest))
+        for _, sched in self.optimizers.values():
+            sched.step()
         classes = torch.bincount(latest[1].argmax(1), minlength=latest[1].shape[1])
         # A generator collapsing onto few classes shows here first.
         out = {"train/loss_G": g["loss"], "train/loss_S": s["loss"], "train/top_class_frac": classes.max() / classes.sum()}
         out.update({f"train/{k}": v for k, v in g.items() if k != "loss"})
         out.update({f"train/loss_S_{k}": v for k, v in s.items() if k != "loss"})
+        if d:
+            out.update({"train/loss_D": d["loss"], "train/acc_D": d["acc"]})
         return {k: v.detach() for k, v in out.items()}
 
     @staticmethod
-    def _clip(model: nn.Module, cfg: OptimizerConfig) -> None:
+    def _clip(params, cfg: OptimizerConfig) -> None:
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
 
     # ---- the loop -------------------------------------------------------------------------
     @property
@@ -301,8 +370,16 @@ class Trainer:
             if checkpoint_now:
                 self.save_checkpoint()
 
+    @property
+    def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, object]]:
+        """Each player's optimizer and schedule: student (s), generator (g), discriminator (d)."""
+        players = {"s": (self.opt_s, self.sched_s), "g": (self.opt_g, self.sched_g)}
+        if self.discriminator is not None:
+            players["d"] = (self.opt_d, self.sched_d)
+        return players
+
     def non_finite(self, losses: dict[str, torch.Tensor]) -> str | None:
-        return first_non_finite(losses, {"student": self.student, "generator": self.generator})
+        return first_non_finite(losses, {k: m for k, m in self.networks.items() if k != "ema"})
 
     def roll_back(self, cause: str, tracker: Tracker) -> None:
         """Reload the last good checkpoint with lowered learning rates; stop after max_rollbacks."""
@@ -315,7 +392,7 @@ class Trainer:
             )
         self.load_checkpoint(self.checkpoint_path)
         self.rollbacks = rollbacks
-        for opt, sched in ((self.opt_s, self.sched_s), (self.opt_g, self.sched_g)):
+        for opt, sched in self.optimizers.values():
             scale_lr(opt, sched, cfg.rollback_lr_factor)
         tracker.rewind(self.step)
         tracker.log({"health/rollbacks": rollbacks, "health/diverged_at": detected_at}, self.step)
@@ -382,6 +459,13 @@ class Trainer:
         return summary
 
     # ---- checkpoints ----------------------------------------------------------------------
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        """Every trained network of the run, by checkpoint key."""
+        nets = {"student": self.student, "generator": self.generator, "ema": self.ema,
+                "discriminator": self.discriminator, "adapter": self.adapter}  # fmt: skip
+        return {k: m for k, m in nets.items() if m is not None}
+
     def state_dict(self) -> dict:
         state = {
             "step": self.step,
@@ -391,20 +475,15 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "collapse_streak": self.collapse.streak,
             "config": config_to_dict(self.cfg),
-            "student": self.student.state_dict(),
-            "generator": self.generator.state_dict(),
-            "opt_s": self.opt_s.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "sched_s": self.sched_s.state_dict(),
-            "sched_g": self.sched_g.state_dict(),
             "latent_rng": self.latent_rng.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "pool": self.pool.state_dict(),
         }
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
+        state.update({name: net.state_dict() for name, net in self.networks.items()})
+        for player, (opt, sched) in self.optimizers.items():
+            state[f"opt_{player}"], state[f"sched_{player}"] = opt.state_dict(), sched.state_dict()
         if self.memory is not None:
             state["memory"] = self.memory.state_dict()
-        state["pool"] = self.pool.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
@@ -423,16 +502,13 @@ class Trainer:
         diffs += [f"train.{k}" for k in mine_train if saved_train.get(k) != mine_train[k]]
         if diffs:
             raise DfkdError(f"cannot resume {path}: config differs from the saved run in {', '.join(diffs)}")
-        load_weights(self.student, state["student"], f"student in {path}")
-        load_weights(self.generator, state["generator"], f"generator in {path}")
-        if self.ema is not None:
-            load_weights(self.ema, state["ema"], f"student average in {path}")
+        for name, net in self.networks.items():
+            load_weights(net, state[name], f"{name} in {path}")
+        for player, (opt, sched) in self.optimizers.items():
+            opt.load_state_dict(state[f"opt_{player}"])
+            sched.load_state_dict(state[f"sched_{player}"])
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
-        self.opt_s.load_state_dict(state["opt_s"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.sched_s.load_state_dict(state["sched_s"])
-        self.sched_g.load_state_dict(state["sched_g"])
         self.latent_rng.set_state(state["latent_rng"])
         self.pool.load_state_dict(state["pool"])
         torch.set_rng_state(state["torch_rng"])

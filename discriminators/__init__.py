@@ -1,9 +1,10 @@
-"""Discriminator architectures (over logits or features), registered by name in DISCRIMINATORS.
+"""Discriminator architectures for the GAN-KD variant, registered by name in DISCRIMINATORS.
 
-The GAN-KD variant that uses them is built on this registry; none is registered yet.
+`mlp` reads class probabilities; `conv` and `feature_mlp` read the feature map of a named layer,
+the student's passing through an `Adapter` when its shape differs from the teacher's.
 """
-from dfkd.registry import Registry
+from discriminators.registry import DISCRIMINATORS, build_discriminator
+from discriminators import heads  # noqa: F401  (registration)
+from discriminators.heads import Adapter
 
-DISCRIMINATORS: Registry = Registry("discriminator")
-
-__all__ = ["DISCRIMINATORS"]
+__all__ = ["DISCRIMINATORS", "Adapter", "build_discriminator"]

@@ -132,7 +132,7 @@ def test_split_run_trains_the_student_on_another_teachers_features(tiny, tmp_pat
     trainer = Trainer(cfg, tmp_path, progress=False)
     x, t = trainer.synthesize()
     trainer.teacher, trainer.feature_teacher = trainer.pool.choose(0)
-    losses = trainer.student_step(x, t)
+    losses, _ = trainer.student_step(x, t)
     assert set(losses) == {"loss", "response", "feature"} and losses["feature"] > 0
     assert torch.allclose(losses["loss"], losses["response"] + 250.0 * losses["feature"])
     assert all(not m._forward_hooks for t in trainer.pool.models for m in t.modules()), "no hook outlives its step"
