@@ -23,13 +23,15 @@ def find_layers(model: nn.Module, paths: Sequence[str], owner: str) -> dict[str,
 
 
 @contextmanager
-def capture(model: nn.Module, paths: Sequence[str], owner: str = "model") -> Iterator[dict[str, torch.Tensor]]:
-    """`with capture(net, ["features.2"]) as feats: net(x)` leaves the layer's output in feats["features.2"]."""
+def capture(model: nn.Module, paths: Sequence[str], owner: str = "model", inputs: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """`with capture(net, ["features.2"]) as feats: net(x)` leaves the layer's output (or, with
+    `inputs`, its first input) in feats["features.2"]."""
     feats: dict[str, torch.Tensor] = {}
-    handles = [
-        module.register_forward_hook(lambda _m, _in, out, path=path: feats.__setitem__(path, out))
-        for path, module in find_layers(model, paths, owner).items()
-    ]
+
+    def hook(path):
+        return lambda _m, args, out: feats.__setitem__(path, args[0] if inputs else out)
+
+    handles = [module.register_forward_hook(hook(path)) for path, module in find_layers(model, paths, owner).items()]
     try:
         yield feats
     finally:

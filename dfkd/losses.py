@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from dfkd.registry import Registry
 
 LOSSES: Registry = Registry("loss")
-# Generator priors: `(teacher_logits) -> scalar` to minimize, weighted in method.priors.
+# Generator priors: `(teacher_logits, bn_inputs) -> scalar` to minimize, weighted in method.priors.
+# `bn_inputs` holds (input, running_mean, running_var) for each BatchNorm layer of the teacher;
+# the trainer reads them only when a prior needs them (`NEEDS_BN_INPUTS`).
 PRIORS: Registry = Registry("generator prior")
+NEEDS_BN_INPUTS = {"bn"}
 
 
 @LOSSES.register("l1")
@@ -48,17 +51,30 @@ def js(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -
 
 
 @PRIORS.register("onehot")
-def onehot(teacher: torch.Tensor) -> torch.Tensor:
+def onehot(teacher: torch.Tensor, bn_inputs=()) -> torch.Tensor:
     """Cross-entropy of the teacher to its own argmax (DAFL): samples the teacher is sure about."""
     return F.cross_entropy(teacher, teacher.argmax(1))
 
 
 @PRIORS.register("balance")
-def balance(teacher: torch.Tensor) -> torch.Tensor:
+def balance(teacher: torch.Tensor, bn_inputs=()) -> torch.Tensor:
     """Negative entropy of the batch-mean prediction (DAFL's information entropy), offset so that a
     perfectly class-balanced batch scores 0: every class gets samples."""
     mean = F.softmax(teacher, dim=1).mean(0)
     return (mean * mean.clamp_min(1e-12).log()).sum() + math.log(teacher.shape[1])
+
+
+@PRIORS.register("bn")
+def bn_statistics(teacher: torch.Tensor, bn_inputs=()) -> torch.Tensor:
+    """DeepInversion / DFQ: at each BatchNorm layer of the teacher, the L2 distances between the
+    synthetic batch's per-channel mean and variance and the layer's running statistics, summed
+    over layers: samples whose statistics look like the training data's."""
+    total = teacher.new_zeros(())
+    for x, running_mean, running_var in bn_inputs:
+        dims = [0, *range(2, x.dim())]
+        total = total + torch.linalg.vector_norm(x.mean(dims) - running_mean)
+        total = total + torch.linalg.vector_norm(x.var(dims, unbiased=False) - running_var)
+    return total
 
 
 # Feature terms: `(student_feature, teacher_feature) -> scalar`, for one pair of layers.

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.config import MethodConfig
-from dfkd.losses import FEATURE_LOSSES, GAN_LOSSES, LOSSES, PRIORS, kl
+from dfkd.losses import FEATURE_LOSSES, GAN_LOSSES, LOSSES, NEEDS_BN_INPUTS, PRIORS, kl
 from dfkd.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -26,11 +26,16 @@ class Adversarial:
         self.feature_loss = FEATURE_LOSSES.get(cfg.feature_loss)
         self.feature_weight = cfg.feature_weight
 
-    def generator_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def needs_bn_inputs(self) -> bool:
+        return bool(NEEDS_BN_INPUTS & set(self.priors))
+
+    def generator_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, bn_inputs=()) -> dict[str, torch.Tensor]:
+        """Minus the discrepancy (the generator ascends it), plus the weighted priors."""
         d = self.discrepancy(student_logits, teacher_logits, self.temperature)
         out = {"loss": -d, "discrepancy": d}
         for name, (prior, weight) in self.priors.items():
-            out[f"prior_{name}"] = prior(teacher_logits)
+            out[f"prior_{name}"] = prior(teacher_logits, bn_inputs)
             out["loss"] = out["loss"] + weight * out[f"prior_{name}"]
         return out
 

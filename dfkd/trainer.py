@@ -72,6 +72,11 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
         a.copy_(b)
 
 
+def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers (with running statistics) of a model, by path."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
 def scale_lr(opt: torch.optim.Optimizer, sched, factor: float) -> None:
     """Multiply the current and scheduled learning rates by `factor`."""
     for group in opt.param_groups:
@@ -108,6 +113,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if cfg.train.student_ema > 0 else None
         self.method = build_method(cfg.method)
         self.memory = ReplayMemory(cfg.method.replay_size) if cfg.method.replay_size else None
+        self._check_bn_prior()
         self._check_feature_layers()
         self.discriminator, self.adapter = self._build_discriminator()
         # The student's side of the game: the student, and the adapter its features pass through.
@@ -140,8 +146,11 @@ class Trainer:
     def generator_step(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """One ascent step; also returns its batch, detached, with the teacher's logits for reuse."""
         x = self.generator(self.sample_latent())
-        teacher_logits = self.teacher(x)
-        losses = self.method.generator_losses(self.student(x), teacher_logits)
+        bn_layers = batchnorm_layers(self.teacher) if self.method.needs_bn_inputs else {}
+        with capture(self.teacher, list(bn_layers), inputs=True) as bn_in:
+            teacher_logits = self.teacher(x)
+        bn_inputs = [(bn_in[p], m.running_mean, m.running_var) for p, m in bn_layers.items()]
+        losses = self.method.generator_losses(self.student(x), teacher_logits, bn_inputs)
         self.opt_g.zero_grad(set_to_none=True)
         losses["loss"].backward(inputs=list(self.generator.parameters()))
         self._clip(self.generator.parameters(), self.cfg.generator_optim)
@@ -159,6 +168,12 @@ class Trainer:
         """[student layer, teacher layer] pairs read this run: feature terms, then the discriminator's."""
         d = self.cfg.discriminator.layers if self.method.uses_discriminator else []
         return [*self.cfg.method.features, *([d] if d else [])]
+
+    def _check_bn_prior(self) -> None:
+        if self.method.needs_bn_inputs and not any(batchnorm_layers(m) for m in self.pool.models):
+            archs = ", ".join(meta["arch"] for meta in self.pool.metas)
+            raise DfkdError(f"method.priors.bn matches the teacher's BatchNorm statistics, but no teacher has "
+                            f"BatchNorm layers ({archs}); drop the bn prior or use a teacher with BatchNorm")  # fmt: skip
 
     def _check_feature_layers(self) -> None:
         pairs = self.layer_pairs

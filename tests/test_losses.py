@@ -79,3 +79,31 @@ def test_priors_enter_the_generator_loss_with_their_weights():
     assert torch.allclose(out["loss"], plain["loss"] + 2.0 * out["prior_onehot"] + 0.5 * out["prior_balance"])
     with pytest.raises(DfkdError, match="unknown generator prior 'ohe'"):
         build_method(MethodConfig(priors={"ohe": 1.0}))
+
+
+def test_bn_prior_golden_value_and_gradient():
+    from dfkd.losses import PRIORS
+
+    rng = np.random.default_rng(0)
+    x4, x2 = rng.normal(size=(5, 3, 4, 4)), rng.normal(2.0, 3.0, size=(5, 6))
+    stats = [(x4, rng.normal(size=3), rng.uniform(0.5, 2, size=3)), (x2, rng.normal(size=6), rng.uniform(0.5, 2, size=6))]
+    expected = 0.0
+    for x, rm, rv in stats:
+        axes = (0, 2, 3) if x.ndim == 4 else (0,)
+        expected += np.sqrt(((x.mean(axis=axes) - rm) ** 2).sum()) + np.sqrt(((x.var(axis=axes) - rv) ** 2).sum())
+    inputs = [(torch.tensor(x, requires_grad=True), torch.tensor(rm), torch.tensor(rv)) for x, rm, rv in stats]
+    got = PRIORS.get("bn")(torch.zeros(5, 10, dtype=torch.double), inputs)
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+    assert torch.autograd.gradcheck(lambda a, b: PRIORS.get("bn")(a.new_zeros(1, 1), [(a, *inputs[0][1:]), (b, *inputs[1][1:])]),
+                                    (inputs[0][0], inputs[1][0]))  # fmt: skip
+
+
+def test_bn_prior_reaches_the_generator_through_a_batchnorm_teacher(tiny, tmp_path):
+    from dfkd.trainer import Trainer
+
+    trainer = Trainer(tiny(teacher={"arch": "resnet8"}, method={"priors": {"bn": 1.0}}), tmp_path, progress=False)
+    losses, _ = trainer.generator_step()
+    assert losses["prior_bn"] > 0
+    assert all(p.grad is not None for p in trainer.generator.parameters())
+    with pytest.raises(DfkdError, match=r"no teacher has BatchNorm layers \(lenet5\); drop the bn prior"):
+        Trainer(tiny(method={"priors": {"bn": 1.0}}), tmp_path, progress=False)
