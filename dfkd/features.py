@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dfkd.errors import DfkdError
 
@@ -50,3 +51,23 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[s
     model.train(was_training)
     modules = dict(model.named_modules())
     return [(n, type(modules[n]).__name__, tuple(feats[n].shape[1:])) for n in names if isinstance(feats.get(n), torch.Tensor)]
+
+
+class Adapter(nn.Module):
+    """Maps a student feature onto the teacher's shape: a 1×1 convolution for the channels and
+    average pooling (or nearest upsampling) for the size, or a linear map for flat features.
+    It trains with the student."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
+        super().__init__()
+        flat = len(teacher_shape) == 1
+        self.proj = (nn.Linear if flat else nn.Conv2d)(student_shape[0], teacher_shape[0], *(() if flat else (1,)))
+        self.size = tuple(teacher_shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        if not self.size or tuple(x.shape[-2:]) == self.size:
+            return x
+        if x.shape[-1] > self.size[-1]:
+            return F.adaptive_avg_pool2d(x, self.size)
+        return F.interpolate(x, size=self.size, mode="nearest")

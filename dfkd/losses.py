@@ -77,8 +77,20 @@ def bn_statistics(teacher: torch.Tensor, bn_inputs=()) -> torch.Tensor:
     return total
 
 
-# Feature terms: `(student_feature, teacher_feature) -> scalar`, for one pair of layers.
+# Feature terms: `(student_feature, teacher_feature) -> scalar`, for one pair of layers. Terms
+# marked `needs_adapter` compare features of one shape: the trainer passes the student's through
+# a learned adapter (dfkd.features.Adapter) when the shapes differ.
 FEATURE_LOSSES: Registry = Registry("feature loss")
+
+
+def _adapted(fn):
+    fn.needs_adapter = True
+    return fn
+
+
+def _maps_only(fn):
+    fn.needs_maps = True  # spatial maps (N×C×H×W), not flat features
+    return fn
 
 
 def attention_map(feature: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -90,11 +102,60 @@ def attention_map(feature: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @FEATURE_LOSSES.register("at")
+@_maps_only
 def attention_transfer(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Attention transfer (Zagoruyko & Komodakis; ZSKT): mean squared difference of the normalized
     attention maps. Maps of different resolutions meet at the smaller one."""
     size = tuple(min(a, b) for a, b in zip(student.shape[-2:], teacher.shape[-2:]))
     return (attention_map(student, size) - attention_map(teacher, size)).pow(2).mean()
+
+
+@FEATURE_LOSSES.register("hint")
+@_adapted
+def hint(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """FitNets: mean squared error between the (adapted) student feature and the teacher's."""
+    return (student - teacher).pow(2).mean()
+
+
+def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    flat = x.flatten(1)
+    return torch.cdist(flat, flat)
+
+
+@FEATURE_LOSSES.register("rkd_distance")
+def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD-D (Park et al.): Huber loss between the batch's pairwise distance matrices, each divided
+    by its mean off-diagonal distance. Widths may differ: only distances are compared."""
+    def normalized(x):
+        d = _pairwise_distances(x)
+        n = d.shape[0]
+        return d / (d.sum() / max(n * (n - 1), 1)).clamp_min(1e-12)
+
+    return F.smooth_l1_loss(normalized(student), normalized(teacher))
+
+
+@FEATURE_LOSSES.register("rkd_angle")
+def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD-A (Park et al.): Huber loss between the cosines of the angles every triplet of the
+    batch forms, cos∠(x_i, x_j, x_k) = <(x_i - x_j)/|.|, (x_k - x_j)/|.|>."""
+    def cosines(x):
+        flat = x.flatten(1)
+        e = F.normalize(flat.unsqueeze(0) - flat.unsqueeze(1), dim=2)  # e[j, i] = unit(x_i - x_j)
+        return torch.bmm(e, e.transpose(1, 2)).flatten()
+
+    return F.smooth_l1_loss(cosines(student), cosines(teacher))
+
+
+@FEATURE_LOSSES.register("gram")
+@_adapted
+def gram(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """FSP-style (Yim et al.) on one layer: squared Frobenius distance between the per-image
+    channel Gram matrices F·Fᵀ / (H·W), averaged over the batch."""
+    def matrices(x):
+        flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)  # a flat feature is a 1×1 map
+        return flat @ flat.transpose(1, 2) / flat.shape[-1]
+
+    return (matrices(student) - matrices(teacher)).pow(2).sum((1, 2)).mean()
 
 
 # GAN objectives for the discriminator variant: the discriminator's loss on (real, fake) logits,

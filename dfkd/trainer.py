@@ -30,15 +30,16 @@ from dfkd.config import ExperimentConfig, OptimizerConfig, config_to_dict
 from dfkd.data import Dataset, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, agreement, predictions
-from dfkd.features import capture, find_layers, layer_shapes
+from dfkd.features import Adapter, capture, find_layers, layer_shapes
 from dfkd.health import CollapseMonitor, first_non_finite
+from dfkd.losses import FEATURE_LOSSES
 from dfkd.methods import build_method
 from dfkd.models import build_classifier
 from dfkd.replay import ReplayMemory
 from dfkd.pool import load_pool
 from dfkd.teachers import classifier_meta, save_classifier
 from dfkd.tracking import Tracker
-from discriminators import DISCRIMINATORS, Adapter, build_discriminator
+from discriminators import DISCRIMINATORS, build_discriminator
 from generators import build_generator
 
 N_FIXED_SAMPLES = 64
@@ -116,8 +117,10 @@ class Trainer:
         self._check_bn_prior()
         self._check_feature_layers()
         self.discriminator, self.adapter = self._build_discriminator()
-        # The student's side of the game: the student, and the adapter its features pass through.
-        self.student_params = [*self.student.parameters(), *(self.adapter.parameters() if self.adapter else ())]
+        self.feature_adapters = self._build_feature_adapters()
+        # The student's side of the game: the student, and the adapters its features pass through.
+        self.student_params = [*self.student.parameters(), *self.feature_adapters.parameters(),
+                               *(self.adapter.parameters() if self.adapter else ())]  # fmt: skip
         self.opt_s = build_optimizer(self.student_params, cfg.student_optim)
         self.opt_g = build_optimizer(self.generator.parameters(), cfg.generator_optim)
         self.sched_s = build_schedule(self.opt_s, cfg.student_optim, cfg.train.iterations)
@@ -202,17 +205,35 @@ class Trainer:
                             "use conv or feature_mlp")  # fmt: skip
         if not d.layers:
             return build_discriminator(d.name, info.num_classes, d.width, d.spectral_norm).to(self.device), None
-        shape = (info.channels, self.cfg.data.image_size, self.cfg.data.image_size)
-        s_path, t_path = d.layers
+        s_shape, t_shape = self._pair_shapes(*d.layers)
+        adapter = None if s_shape == t_shape else Adapter(s_shape, t_shape).to(self.device)
+        return build_discriminator(d.name, t_shape[0], d.width, d.spectral_norm).to(self.device), adapter
+
+    def _build_feature_adapters(self) -> nn.ModuleList:
+        """One adapter per method.features pair, for terms that compare same-shaped features
+        (an identity where the shapes already match)."""
+        m = self.cfg.method
+        term = FEATURE_LOSSES.get(m.feature_loss)
+        shapes = [self._pair_shapes(s, t) for s, t in m.features]
+        for (s, t), (a, b) in zip(m.features, shapes):
+            if getattr(term, "needs_maps", False) and (len(a) != 3 or len(b) != 3):
+                raise DfkdError(f"method.feature_loss={m.feature_loss} compares spatial maps, but {s!r} gives "
+                                f"{a} and {t!r} gives {b}; pick convolutional layers (dfkd layers ARCH)")  # fmt: skip
+        if not getattr(term, "needs_adapter", False):
+            return nn.ModuleList(nn.Identity() for _ in shapes)
+        return nn.ModuleList(nn.Identity() if a == b else Adapter(a, b) for a, b in shapes).to(self.device)
+
+    def _pair_shapes(self, s_path: str, t_path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Output shapes (without the batch) of a student layer and of the teacher layer it meets."""
+        size = self.cfg.data.image_size
+        shape = (self.dataset.info.channels, size, size)
         s_shape = dict((p, sh) for p, _, sh in layer_shapes(self.student, shape))[s_path]
         t_shapes = {dict((p, sh) for p, _, sh in layer_shapes(self.pool.models[i], shape))[t_path]
                     for i in self.pool.strategy.feature_sources}  # fmt: skip
         if len(t_shapes) > 1:
             raise DfkdError(f"teacher layer {t_path!r} differs in shape across the pool ({sorted(t_shapes)}); "
                             "use pool.strategy=split to read one teacher")  # fmt: skip
-        (t_shape,) = t_shapes
-        adapter = None if s_shape == t_shape else Adapter(s_shape[0], t_shape[0], t_shape[1:]).to(self.device)
-        return build_discriminator(d.name, t_shape[0], d.width, d.spectral_norm).to(self.device), adapter
+        return s_shape, t_shapes.pop()
 
     def student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[dict, dict]:
         """Discriminator steps (when there is one) then one student step, on one batch. Returns
@@ -225,7 +246,7 @@ class Trainer:
             i = self.feature_teacher
             with torch.no_grad(), capture(self.pool.models[i], [t for _, t in pairs]) as ft:
                 self.pool.inputs[i](x)
-        feature_pairs = [(fs[s], ft[t]) for s, t in self.cfg.method.features]
+        feature_pairs = [(adapt(fs[s]), ft[t]) for adapt, (s, t) in zip(self.feature_adapters, self.cfg.method.features)]
         d_losses, d_fake = {}, None
         if self.discriminator is not None:
             real, fake = self._discriminator_views(logits, teacher_logits, fs, ft)
@@ -478,7 +499,8 @@ class Trainer:
     def networks(self) -> dict[str, nn.Module]:
         """Every trained network of the run, by checkpoint key."""
         nets = {"student": self.student, "generator": self.generator, "ema": self.ema,
-                "discriminator": self.discriminator, "adapter": self.adapter}  # fmt: skip
+                "discriminator": self.discriminator, "adapter": self.adapter,
+                "feature_adapters": self.feature_adapters if len(self.feature_adapters) else None}  # fmt: skip
         return {k: m for k, m in nets.items() if m is not None}
 
     def state_dict(self) -> dict:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from discriminators.registry import DISCRIMINATORS
 
@@ -63,21 +62,3 @@ class FeatureMLP(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(features.flatten(2).mean(2) if features.dim() > 2 else features)
-
-
-class Adapter(nn.Module):
-    """Maps a student feature map onto the teacher's shape: a 1×1 convolution for the channels and
-    average pooling (or nearest upsampling) for the size. It trains with the student."""
-
-    def __init__(self, student_channels: int, teacher_channels: int, teacher_size: tuple[int, ...]):
-        super().__init__()
-        self.proj = nn.Conv2d(student_channels, teacher_channels, 1)
-        self.size = tuple(teacher_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)
-        if tuple(x.shape[-2:]) == self.size:
-            return x
-        if x.shape[-1] > self.size[-1]:
-            return F.adaptive_avg_pool2d(x, self.size)
-        return F.interpolate(x, size=self.size, mode="nearest")

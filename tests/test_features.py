@@ -51,3 +51,86 @@ def test_layer_shapes_lists_paths_for_the_config():
     rows = layer_shapes(build_classifier("resnet8", 1, 10, 32), (1, 32, 32))
     shapes = {path: shape for path, _, shape in rows}
     assert shapes["layers.0"] == (16, 32, 32) and shapes["layers.2"] == (64, 8, 8) and shapes["fc"] == (10,)
+
+
+def huber(a, b):
+    d = np.abs(a - b)
+    return np.where(d < 1, 0.5 * d**2, d - 0.5).mean()
+
+
+def golden_rkd_distance(s, t):
+    def normalized(x):
+        flat = x.reshape(len(x), -1)
+        d = np.array([[np.linalg.norm(a - b) for b in flat] for a in flat])
+        return d / (d.sum() / (len(x) * (len(x) - 1)))
+
+    return huber(normalized(s), normalized(t))
+
+
+def golden_rkd_angle(s, t):
+    def cosines(x):
+        flat = x.reshape(len(x), -1)
+        out = []
+        for j in range(len(flat)):
+            for i in range(len(flat)):
+                for k in range(len(flat)):
+                    u, v = flat[i] - flat[j], flat[k] - flat[j]
+                    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+                    out.append(0.0 if nu == 0 or nv == 0 else (u @ v) / (nu * nv))
+        return np.array(out)
+
+    return huber(cosines(s), cosines(t))
+
+
+def golden_gram(s, t):
+    def matrices(x):
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        return np.stack([f @ f.T / f.shape[1] for f in flat])
+
+    return ((matrices(s) - matrices(t)) ** 2).sum(axis=(1, 2)).mean()
+
+
+GOLDEN = {
+    "hint": (lambda s, t: ((s - t) ** 2).mean(), (4, 3, 5, 5), (4, 3, 5, 5)),
+    "rkd_distance": (golden_rkd_distance, (5, 3, 4, 4), (5, 6, 2, 2)),
+    "rkd_angle": (golden_rkd_angle, (4, 3, 2, 2), (4, 7)),
+    "gram": (golden_gram, (3, 4, 5, 5), (3, 4, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_feature_term_golden_values_and_gradients(name):
+    golden, s_shape, t_shape = GOLDEN[name]
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=s_shape), rng.normal(size=t_shape)
+    term = FEATURE_LOSSES.get(name)
+    assert term(torch.tensor(s), torch.tensor(t)).item() == pytest.approx(golden(s, t), rel=1e-9)
+    st, tt = (torch.tensor(a, requires_grad=True) for a in (s, t))
+    assert torch.autograd.gradcheck(term, (st, tt))
+
+
+def test_every_registered_feature_term_has_a_golden_test():
+    assert set(FEATURE_LOSSES.names()) == {"at", *GOLDEN}
+
+
+@pytest.mark.parametrize("loss", ["hint", "gram", "rkd_angle"])
+def test_feature_terms_train_in_a_run_with_adapters_where_needed(tiny, tmp_path, loss):
+    from dfkd.trainer import Trainer
+
+    cfg = tiny(method={"features": [["features.5", "features.5"], ["classifier.1", "classifier.1"]], "feature_loss": loss,
+                       "feature_weight": 1.0})  # fmt: skip
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    adapters = [type(a).__name__ for a in trainer.feature_adapters]
+    assert adapters == (["Adapter", "Adapter"] if loss in ("hint", "gram") else ["Identity", "Identity"])
+    x, t = trainer.synthesize()
+    losses, _ = trainer.student_step(x, t)
+    assert losses["feature"] > 0
+    assert all(p.grad is not None for p in trainer.feature_adapters.parameters())
+    assert trainer.fit()["iterations"] == 4
+
+
+def test_attention_transfer_refuses_flat_layers(tiny, tmp_path):
+    from dfkd.trainer import Trainer
+
+    with pytest.raises(DfkdError, match=r"feature_loss=at compares spatial maps, but 'classifier.1' gives \(42,\)"):
+        Trainer(tiny(method={"features": [["classifier.1", "classifier.1"]]}), tmp_path, progress=False)

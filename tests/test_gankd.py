@@ -8,8 +8,9 @@ import torch
 from dfkd.config import MethodConfig
 from dfkd.errors import DfkdError
 from dfkd.methods import build_method
-from discriminators import DISCRIMINATORS, Adapter, build_discriminator
+from dfkd.features import Adapter
 from dfkd.trainer import Trainer
+from discriminators import DISCRIMINATORS, build_discriminator
 
 GANKD = {"name": "gankd", "alpha": 0.7, "beta": 0.5}
 FEATURE_D = {"name": "conv", "width": 8, "layers": ["features.5", "features.5"]}
@@ -59,8 +60,9 @@ def test_every_discriminator_runs_forward_and_backward(name, spectral_norm):
 
 
 def test_adapter_maps_student_features_to_the_teacher_shape():
-    assert Adapter(3, 6, (14, 14))(torch.randn(2, 3, 28, 28)).shape == (2, 6, 14, 14)
-    assert Adapter(3, 6, (10, 10))(torch.randn(2, 3, 5, 5)).shape == (2, 6, 10, 10)
+    assert Adapter((3, 28, 28), (6, 14, 14))(torch.randn(2, 3, 28, 28)).shape == (2, 6, 14, 14)
+    assert Adapter((3, 5, 5), (6, 10, 10))(torch.randn(2, 3, 5, 5)).shape == (2, 6, 10, 10)
+    assert Adapter((42,), (84,))(torch.randn(2, 42)).shape == (2, 84)
 
 
 @pytest.mark.parametrize("disc", [{}, FEATURE_D], ids=["outputs", "features"])
