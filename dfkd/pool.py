@@ -102,33 +102,28 @@ class Ensemble(nn.Module):
         return sum(w * m(x) for m, w in zip(self.members, self.weights))
 
 
-class Renormalized(nn.Module):
-    """A teacher trained on other input statistics than the data's: maps the generator's space
-    (normalized with the dataset's mean and std) into the teacher's own."""
-
-    def __init__(self, model: nn.Module, data_mean, data_std, own_mean, own_std):
-        super().__init__()
-        self.model = model
-        shape = (1, -1, 1, 1)
-        dm, ds, om, os_ = (torch.tensor(v, dtype=torch.float32).view(shape) for v in (data_mean, data_std, own_mean, own_std))
-        self.register_buffer("scale", ds / os_)
-        self.register_buffer("shift", (dm - om) / os_)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x * self.scale + self.shift)
+def renormalize_inputs(model: nn.Module, data_mean, data_std, own_mean, own_std) -> None:
+    """For a teacher trained on other input statistics than the data's: a forward pre-hook maps
+    the generator's space (normalized with the dataset's mean and std) into the teacher's own.
+    Layer paths stay those of the model itself."""
+    shape = (1, -1, 1, 1)
+    device = next(model.parameters()).device
+    dm, ds, om, os_ = (torch.tensor(v, dtype=torch.float32, device=device).view(shape)
+                       for v in (data_mean, data_std, own_mean, own_std))  # fmt: skip
+    scale, shift = ds / os_, (dm - om) / os_
+    model.register_forward_pre_hook(lambda _m, args: (args[0] * scale + shift, *args[1:]))
 
 
 class TeacherPool:
-    """The frozen teachers (`models`, as loaded; `inputs`, taking the generator's space) and the
-    strategy that picks who plays; `uses` counts iterations per teacher."""
+    """The frozen teachers, each taking the generator's input space, and the strategy that picks
+    who plays; `uses` counts iterations per teacher."""
 
     def __init__(self, models: list[nn.Module], metas: list[dict], dataset: Dataset, cfg: PoolConfig, seed: int):
         self.models, self.metas = models, metas
         info = dataset.info
-        self.inputs = [
-            m if _same(meta, info) else Renormalized(m, info.mean, info.std, meta["mean"], meta["std"]).to(_device(m))
-            for m, meta in zip(models, metas)
-        ]
+        for model, meta in zip(models, metas):
+            if not _same(meta, info):
+                renormalize_inputs(model, info.mean, info.std, meta["mean"], meta["std"])
         self.strategy = STRATEGIES.get(cfg.strategy)(len(models), cfg)
         self.rng = torch.Generator().manual_seed(seed)
         self.uses = [0] * len(models)
@@ -146,12 +141,12 @@ class TeacherPool:
         for i in choice.response:
             self.uses[i] += 1
         if len(choice.response) == 1 and next(iter(choice.response.values())) == 1.0:
-            return self.inputs[next(iter(choice.response))], choice.feature
-        members = [self.inputs[i] for i in choice.response]
+            return self.models[next(iter(choice.response))], choice.feature
+        members = [self.models[i] for i in choice.response]
         return Ensemble(members, list(choice.response.values())), choice.feature
 
     def ensemble(self) -> nn.Module:
-        return Ensemble(self.inputs, [1.0 / len(self)] * len(self))
+        return Ensemble(self.models, [1.0 / len(self)] * len(self))
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state(), "uses": torch.tensor(self.uses)}
@@ -163,10 +158,6 @@ class TeacherPool:
 
 def _same(meta: dict, info) -> bool:
     return list(meta.get("mean", info.mean)) == list(info.mean) and list(meta.get("std", info.std)) == list(info.std)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def check_agreement(metas: list[dict], sources: list[str]) -> None:

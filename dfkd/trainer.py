@@ -104,7 +104,7 @@ class Trainer:
         self.dataset = dataset or load_dataset(cfg.data)
         self.pool = load_pool(cfg, self.dataset, self.device, progress)
         # The teacher this iteration plays against, and the pool member the feature term reads.
-        self.teacher, self.feature_teacher = self.pool.inputs[0], next(iter(self.pool.strategy.feature_sources), None)
+        self.teacher, self.feature_teacher = self.pool.models[0], next(iter(self.pool.strategy.feature_sources), None)
         torch.manual_seed(cfg.train.seed)
         info = self.dataset.info
         self.student = build_classifier(cfg.student.arch, info.channels, info.num_classes, cfg.data.image_size).to(self.device)
@@ -137,7 +137,7 @@ class Trainer:
         self.rollbacks = 0
         self.collapse = CollapseMonitor(cfg.train.collapse_threshold, cfg.train.collapse_patience)
         self.run_id = uuid.uuid4().hex[:8]
-        self.teacher_preds = [predictions(t, self.dataset.test, self.device) for t in self.pool.inputs]
+        self.teacher_preds = [predictions(t, self.dataset.test, self.device) for t in self.pool.models]
         self.teacher_accs = [agreement(p, self.dataset.test.labels) for p in self.teacher_preds]
         self.teacher_acc = max(self.teacher_accs)  # ratios are against the best single teacher
 
@@ -245,7 +245,7 @@ class Trainer:
         if pairs:
             i = self.feature_teacher
             with torch.no_grad(), capture(self.pool.models[i], [t for _, t in pairs]) as ft:
-                self.pool.inputs[i](x)
+                self.pool.models[i](x)
         feature_pairs = [(adapt(fs[s]), ft[t]) for adapt, (s, t) in zip(self.feature_adapters, self.cfg.method.features)]
         d_losses, d_fake = {}, None
         if self.discriminator is not None:

@@ -88,7 +88,7 @@ def test_a_collapsed_generator_is_flagged(tiny, tmp_path, capsys):
 
     cfg = tiny(train={"iterations": 6, "log_every": 1, "collapse_patience": 2})
     trainer = Trainer(cfg, tmp_path, progress=False)
-    trainer.pool.inputs = [OneClassTeacher()]
+    trainer.pool.models = [OneClassTeacher()]
     trainer.fit()
     flags = [r["health/collapse"] for r in records(tmp_path) if "health/collapse" in r]
     assert flags == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]

@@ -69,16 +69,20 @@ def test_bad_pool_settings_are_refused(strategy, cfg, message):
 def test_split_plays_one_teacher_and_reads_features_from_another():
     pool = pool_of(["lenet5", "mlp"], "split", response_teacher=1, feature_teacher=0)
     teacher, feature = pool.choose(0)
-    assert teacher is pool.inputs[1] and feature == 0
+    assert teacher is pool.models[1] and feature == 0
 
 
 def test_a_teacher_with_other_input_statistics_gets_its_own_space():
+
     metas = [dict(META, arch="lenet5"), dict(META, arch="lenet5", mean=[0.5], std=[0.25])]
+    torch.manual_seed(0)
+    plain = build_classifier("lenet5", 1, 10, 32).eval()
     pool = pool_of(["lenet5", "lenet5"], metas=metas)
+    pool.models[1].load_state_dict(plain.state_dict())
     x = torch.randn(4, 1, 32, 32)
-    assert pool.inputs[0] is pool.models[0], "same statistics: no wrapper"
     raw = x * 0.3081 + 0.1307
-    assert torch.allclose(pool.inputs[1](x), pool.models[1]((raw - 0.5) / 0.25), atol=1e-5)
+    assert torch.allclose(pool.models[1](x), plain((raw - 0.5) / 0.25), atol=1e-5)
+    assert not pool.models[0]._forward_pre_hooks, "same statistics: inputs untouched"
 
 
 POOL = [{"arch": "lenet5", "epochs": 1}, {"arch": "mlp", "epochs": 1, "seed": 1}, {"arch": "lenet5_half", "epochs": 1, "seed": 2}]
@@ -93,7 +97,7 @@ def test_a_pool_run_logs_each_teacher_and_resumes_the_same_sequence(tiny, tmp_pa
 
         def spy(step):
             teacher, feature = choose(step)
-            picks.append(trainer.pool.inputs.index(teacher))
+            picks.append(trainer.pool.models.index(teacher))
             return teacher, feature
 
         trainer.pool.choose = spy
