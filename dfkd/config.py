@@ -75,6 +75,7 @@ class MethodConfig:
     # Generator priors (dfkd.losses.PRIORS) and their weights, added to the generator's loss to keep
     # its samples where the teacher is confident and spread over all classes.
     priors: dict[str, float] = field(default_factory=dict)
+    activation_layer: str | None = None  # the teacher layer the `activation` prior reads
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw
     # their batches from this memory (it always holds the newest batch). 0 disables it.
     replay_size: int = 0

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from dfkd.registry import Registry
 
 LOSSES: Registry = Registry("loss")
-# Generator priors: `(teacher_logits, bn_inputs) -> scalar` to minimize, weighted in method.priors.
-# `bn_inputs` holds (input, running_mean, running_var) for each BatchNorm layer of the teacher;
-# the trainer reads them only when a prior needs them (`NEEDS_BN_INPUTS`).
+# Generator priors: `(teacher_logits, **taps) -> scalar` to minimize, weighted in method.priors.
+# Taps are what the trainer reads from inside the teacher, only for the priors that need them
+# (PRIOR_TAPS): `bn_inputs`, (input, running_mean, running_var) per BatchNorm layer, and
+# `activation`, the output of the layer method.activation_layer.
 PRIORS: Registry = Registry("generator prior")
-NEEDS_BN_INPUTS = {"bn"}
+PRIOR_TAPS = {"bn": "bn_inputs", "activation": "activation"}
 
 
 @LOSSES.register("l1")
@@ -51,13 +52,13 @@ def js(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -
 
 
 @PRIORS.register("onehot")
-def onehot(teacher: torch.Tensor, bn_inputs=()) -> torch.Tensor:
+def onehot(teacher: torch.Tensor, **taps) -> torch.Tensor:
     """Cross-entropy of the teacher to its own argmax (DAFL): samples the teacher is sure about."""
     return F.cross_entropy(teacher, teacher.argmax(1))
 
 
 @PRIORS.register("balance")
-def balance(teacher: torch.Tensor, bn_inputs=()) -> torch.Tensor:
+def balance(teacher: torch.Tensor, **taps) -> torch.Tensor:
     """Negative entropy of the batch-mean prediction (DAFL's information entropy), offset so that a
     perfectly class-balanced batch scores 0: every class gets samples."""
     mean = F.softmax(teacher, dim=1).mean(0)
@@ -65,7 +66,7 @@ def balance(teacher: torch.Tensor, bn_inputs=()) -> torch.Tensor:
 
 
 @PRIORS.register("bn")
-def bn_statistics(teacher: torch.Tensor, bn_inputs=()) -> torch.Tensor:
+def bn_statistics(teacher: torch.Tensor, bn_inputs=(), **taps) -> torch.Tensor:
     """DeepInversion / DFQ: at each BatchNorm layer of the teacher, the L2 distances between the
     synthetic batch's per-channel mean and variance and the layer's running statistics, summed
     over layers: samples whose statistics look like the training data's."""
@@ -75,6 +76,13 @@ def bn_statistics(teacher: torch.Tensor, bn_inputs=()) -> torch.Tensor:
         total = total + torch.linalg.vector_norm(x.mean(dims) - running_mean)
         total = total + torch.linalg.vector_norm(x.var(dims, unbiased=False) - running_var)
     return total
+
+
+@PRIORS.register("activation")
+def activation_norm(teacher: torch.Tensor, activation: torch.Tensor | None = None, **taps) -> torch.Tensor:
+    """DAFL's activation loss: minus the mean absolute activation of a teacher layer (the
+    penultimate one in the paper): samples that excite the teacher's features strongly."""
+    return -activation.abs().mean()
 
 
 # Feature terms: `(student_feature, teacher_feature) -> scalar`, for one pair of layers. Terms

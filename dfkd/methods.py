@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.config import MethodConfig
-from dfkd.losses import FEATURE_LOSSES, GAN_LOSSES, LOSSES, NEEDS_BN_INPUTS, PRIORS, kl
+from dfkd.losses import FEATURE_LOSSES, GAN_LOSSES, LOSSES, PRIOR_TAPS, PRIORS, kl
 from dfkd.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -27,15 +27,16 @@ class Adversarial:
         self.feature_weight = cfg.feature_weight
 
     @property
-    def needs_bn_inputs(self) -> bool:
-        return bool(NEEDS_BN_INPUTS & set(self.priors))
+    def taps(self) -> set[str]:
+        """What the priors read from inside the teacher (dfkd.losses.PRIOR_TAPS)."""
+        return {PRIOR_TAPS[name] for name in self.priors if name in PRIOR_TAPS}
 
-    def generator_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, bn_inputs=()) -> dict[str, torch.Tensor]:
+    def generator_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **taps) -> dict[str, torch.Tensor]:
         """Minus the discrepancy (the generator ascends it), plus the weighted priors."""
         d = self.discrepancy(student_logits, teacher_logits, self.temperature)
         out = {"loss": -d, "discrepancy": d}
         for name, (prior, weight) in self.priors.items():
-            out[f"prior_{name}"] = prior(teacher_logits, bn_inputs)
+            out[f"prior_{name}"] = prior(teacher_logits, **taps)
             out["loss"] = out["loss"] + weight * out[f"prior_{name}"]
         return out
 

@@ -114,7 +114,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if cfg.train.student_ema > 0 else None
         self.method = build_method(cfg.method)
         self.memory = ReplayMemory(cfg.method.replay_size) if cfg.method.replay_size else None
-        self._check_bn_prior()
+        self._check_prior_taps()
         self._check_feature_layers()
         self.discriminator, self.adapter = self._build_discriminator()
         self.feature_adapters = self._build_feature_adapters()
@@ -149,16 +149,25 @@ class Trainer:
     def generator_step(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """One ascent step; also returns its batch, detached, with the teacher's logits for reuse."""
         x = self.generator(self.sample_latent())
-        bn_layers = batchnorm_layers(self.teacher) if self.method.needs_bn_inputs else {}
-        with capture(self.teacher, list(bn_layers), inputs=True) as bn_in:
-            teacher_logits = self.teacher(x)
-        bn_inputs = [(bn_in[p], m.running_mean, m.running_var) for p, m in bn_layers.items()]
-        losses = self.method.generator_losses(self.student(x), teacher_logits, bn_inputs)
+        teacher_logits, taps = self._teacher_with_taps(x)
+        losses = self.method.generator_losses(self.student(x), teacher_logits, **taps)
         self.opt_g.zero_grad(set_to_none=True)
         losses["loss"].backward(inputs=list(self.generator.parameters()))
         self._clip(self.generator.parameters(), self.cfg.generator_optim)
         self.opt_g.step()
         return losses, (x.detach(), teacher_logits.detach())
+
+    def _teacher_with_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The teacher's logits, and what the generator's priors read inside it on the way."""
+        wanted = self.method.taps
+        bn_layers = batchnorm_layers(self.teacher) if "bn_inputs" in wanted else {}
+        act = [self.cfg.method.activation_layer] if "activation" in wanted else []
+        with capture(self.teacher, list(bn_layers), inputs=True) as bn_in, capture(self.teacher, act) as acts:
+            logits = self.teacher(x)
+        taps = {"bn_inputs": [(bn_in[p], m.running_mean, m.running_var) for p, m in bn_layers.items()]} if bn_layers else {}
+        if act:
+            taps["activation"] = acts[act[0]]
+        return logits, taps
 
     @torch.no_grad()
     def synthesize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,11 +181,21 @@ class Trainer:
         d = self.cfg.discriminator.layers if self.method.uses_discriminator else []
         return [*self.cfg.method.features, *([d] if d else [])]
 
-    def _check_bn_prior(self) -> None:
-        if self.method.needs_bn_inputs and not any(batchnorm_layers(m) for m in self.pool.models):
-            archs = ", ".join(meta["arch"] for meta in self.pool.metas)
+    def _check_prior_taps(self) -> None:
+        archs = ", ".join(meta["arch"] for meta in self.pool.metas)
+        if "bn_inputs" in self.method.taps and not any(batchnorm_layers(m) for m in self.pool.models):
             raise DfkdError(f"method.priors.bn matches the teacher's BatchNorm statistics, but no teacher has "
                             f"BatchNorm layers ({archs}); drop the bn prior or use a teacher with BatchNorm")  # fmt: skip
+        if "activation" in self.method.taps:
+            layer = self.cfg.method.activation_layer
+            if not layer:
+                raise DfkdError("method.priors.activation reads a teacher layer: set method.activation_layer "
+                                "(the penultimate one in DAFL; dfkd layers ARCH lists them)")  # fmt: skip
+            if not self.pool.strategy.feature_sources:
+                raise DfkdError(f"method.priors.activation reads one teacher's layer; pool.strategy="
+                                f"{self.cfg.pool.strategy} mixes several: use random, round_robin or split")  # fmt: skip
+            for model, meta in zip(self.pool.models, self.pool.metas):
+                find_layers(model, [layer], f"teacher {meta['arch']}")
 
     def _check_feature_layers(self) -> None:
         pairs = self.layer_pairs

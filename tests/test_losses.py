@@ -92,10 +92,12 @@ def test_bn_prior_golden_value_and_gradient():
         axes = (0, 2, 3) if x.ndim == 4 else (0,)
         expected += np.sqrt(((x.mean(axis=axes) - rm) ** 2).sum()) + np.sqrt(((x.var(axis=axes) - rv) ** 2).sum())
     inputs = [(torch.tensor(x, requires_grad=True), torch.tensor(rm), torch.tensor(rv)) for x, rm, rv in stats]
-    got = PRIORS.get("bn")(torch.zeros(5, 10, dtype=torch.double), inputs)
+    got = PRIORS.get("bn")(torch.zeros(5, 10, dtype=torch.double), bn_inputs=inputs)
     assert got.item() == pytest.approx(expected, rel=1e-10)
-    assert torch.autograd.gradcheck(lambda a, b: PRIORS.get("bn")(a.new_zeros(1, 1), [(a, *inputs[0][1:]), (b, *inputs[1][1:])]),
-                                    (inputs[0][0], inputs[1][0]))  # fmt: skip
+    def prior(a, b):
+        return PRIORS.get("bn")(a.new_zeros(1, 1), bn_inputs=[(a, *inputs[0][1:]), (b, *inputs[1][1:])])
+
+    assert torch.autograd.gradcheck(prior, (inputs[0][0], inputs[1][0]))
 
 
 def test_bn_prior_reaches_the_generator_through_a_batchnorm_teacher(tiny, tmp_path):
@@ -107,3 +109,19 @@ def test_bn_prior_reaches_the_generator_through_a_batchnorm_teacher(tiny, tmp_pa
     assert all(p.grad is not None for p in trainer.generator.parameters())
     with pytest.raises(DfkdError, match=r"no teacher has BatchNorm layers \(lenet5\); drop the bn prior"):
         Trainer(tiny(method={"priors": {"bn": 1.0}}), tmp_path, progress=False)
+
+
+def test_activation_prior_golden_value_and_run(tiny, tmp_path):
+    from dfkd.losses import PRIORS
+    from dfkd.trainer import Trainer
+
+    act = torch.tensor([[1.0, -2.0], [0.5, 0.0]], requires_grad=True)
+    got = PRIORS.get("activation")(torch.zeros(2, 3), activation=act)
+    assert got.item() == pytest.approx(-(1 + 2 + 0.5 + 0) / 4)
+    got.backward()
+    assert torch.equal(act.grad, torch.tensor([[-0.25, 0.25], [-0.25, 0.0]]))
+    trainer = Trainer(tiny(method={"priors": {"activation": 0.1}, "activation_layer": "classifier.1"}), tmp_path, progress=False)
+    losses, _ = trainer.generator_step()
+    assert losses["prior_activation"] < 0
+    with pytest.raises(DfkdError, match="set method.activation_layer"):
+        Trainer(tiny(method={"priors": {"activation": 0.1}}), tmp_path, progress=False)
