@@ -82,6 +82,10 @@ class MethodConfig:
     # Student steps see each synthetic image shifted by up to this many pixels, with the teacher's
     # logits for the shifted image (one extra teacher forward per student step). 0 disables it.
     student_shift: int = 0
+    # MAD-style remedy for the generator's drift: an exponential moving average of the generator
+    # (decay `generator_ema`; 0 disables it) supplies `generator_ema_mix` of every student batch.
+    generator_ema: float = 0.0
+    generator_ema_mix: float = 0.5
     # Likewise, mirror each synthetic image left-right with probability 1/2 (for data whose
     # classes are mirror-symmetric, such as clothes; not digits).
     student_flip: bool = False
@@ -206,6 +210,10 @@ class ExperimentConfig:
         for key in ("rollback_lr_factor", "collapse_threshold"):
             if not 0.0 < getattr(self.train, key) <= 1.0:
                 raise DfkdError(f"train.{key} must be in (0, 1], got {getattr(self.train, key)}")
+        if not 0.0 <= self.method.generator_ema < 1.0:
+            raise DfkdError(f"method.generator_ema must be in [0, 1), got {self.method.generator_ema}")
+        if not 0.0 < self.method.generator_ema_mix < 1.0:
+            raise DfkdError(f"method.generator_ema_mix must be in (0, 1), got {self.method.generator_ema_mix}")
         if not 0.0 <= self.train.student_ema < 1.0:
             raise DfkdError(f"train.student_ema must be in [0, 1), got {self.train.student_ema}")
         choices = {

@@ -112,6 +112,8 @@ class Trainer:
             cfg.generator.name, cfg.generator.latent_dim, cfg.generator.width, info.channels, cfg.data.image_size
         ).to(self.device)
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if cfg.train.student_ema > 0 else None
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if cfg.method.generator_ema > 0 else None
+        self.ema_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.method = build_method(cfg.method)
         self.memory = ReplayMemory(cfg.method.replay_size) if cfg.method.replay_size else None
         self._check_prior_taps()
@@ -142,8 +144,8 @@ class Trainer:
         self.teacher_acc = max(self.teacher_accs)  # ratios are against the best single teacher
 
     # ---- the game -------------------------------------------------------------------------
-    def sample_latent(self) -> torch.Tensor:
-        z = torch.randn(self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.latent_rng)
+    def sample_latent(self, n: int | None = None) -> torch.Tensor:
+        z = torch.randn(n or self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.latent_rng)
         return z.to(self.device, non_blocking=True)
 
     def generator_step(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -170,9 +172,10 @@ class Trainer:
         return logits, taps
 
     @torch.no_grad()
-    def synthesize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A detached synthetic batch and the teacher's logits for it."""
-        x = self.generator(self.sample_latent())
+    def synthesize(self, generator: nn.Module | None = None, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A detached synthetic batch (of `n` images from `generator`, by default a full batch from
+        the live one) and the teacher's logits for it."""
+        x = (generator or self.generator)(self.sample_latent(n))
         return x, self.teacher(x)
 
     @property
@@ -305,6 +308,9 @@ class Trainer:
         else:
             batch = latest if self.cfg.method.reuse_samples else self.synthesize()
         m = self.cfg.method
+        if self.ema_batch is not None:  # the averaged generator's share of the batch
+            keep = len(batch[0]) - len(self.ema_batch[0])
+            batch = tuple(torch.cat([a[:keep], b]) for a, b in zip(batch, self.ema_batch))
         if m.student_shift or m.student_flip:
             with torch.no_grad():
                 x = random_translate(batch[0], m.student_shift, self.latent_rng) if m.student_shift else batch[0]
@@ -319,6 +325,9 @@ class Trainer:
             g, latest = self.generator_step()
         if self.memory is not None:
             self.memory.add(*latest)
+        if self.generator_ema is not None:
+            ema_update(self.generator_ema, self.generator, m.generator_ema)
+            self.ema_batch = self.synthesize(self.generator_ema, max(1, round(m.generator_ema_mix * self.cfg.train.batch_size)))
         for _ in range(m.n_student_steps):
             s, d = self.student_step(*self.student_batch(latest))
         for _, sched in self.optimizers.values():
@@ -434,7 +443,7 @@ class Trainer:
         return players
 
     def non_finite(self, losses: dict[str, torch.Tensor]) -> str | None:
-        return first_non_finite(losses, {k: m for k, m in self.networks.items() if k != "ema"})
+        return first_non_finite(losses, {k: m for k, m in self.networks.items() if k not in ("ema", "generator_ema")})
 
     def roll_back(self, cause: str, tracker: Tracker) -> None:
         """Reload the last good checkpoint with lowered learning rates; stop after max_rollbacks."""
@@ -517,7 +526,7 @@ class Trainer:
     @property
     def networks(self) -> dict[str, nn.Module]:
         """Every trained network of the run, by checkpoint key."""
-        nets = {"student": self.student, "generator": self.generator, "ema": self.ema,
+        nets = {"student": self.student, "generator": self.generator, "ema": self.ema, "generator_ema": self.generator_ema,
                 "discriminator": self.discriminator, "adapter": self.adapter,
                 "feature_adapters": self.feature_adapters if len(self.feature_adapters) else None}  # fmt: skip
         return {k: m for k, m in nets.items() if m is not None}

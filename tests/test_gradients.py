@@ -51,9 +51,24 @@ def test_student_step_updates_only_the_student(tiny, tmp_path):
 
 
 def test_full_iteration_routes_each_loss_to_its_player(tiny, tmp_path):
-    for method in ({"reuse_samples": False}, {"reuse_samples": True}, {"replay_size": 64, "student_shift": 2, "student_flip": True}):
+    for method in ({"reuse_samples": False}, {"reuse_samples": True}, {"replay_size": 64, "student_shift": 2, "student_flip": True},
+                   {"generator_ema": 0.5, "generator_ema_mix": 0.25}):  # fmt: skip
         trainer = Trainer(tiny(method=method), tmp_path, progress=False)
         out = trainer.iteration()
         assert set(out) >= {"train/loss_G", "train/loss_S", "train/discrepancy"}
         assert all(not v.requires_grad for v in out.values())
         assert all(g is None for g in grads(trainer.teacher))
+
+
+def test_the_averaged_generator_supplies_its_share_of_each_student_batch(tiny, tmp_path):
+    trainer = Trainer(tiny(method={"generator_ema": 0.5, "generator_ema_mix": 0.25}), tmp_path, progress=False)
+    before = [p.clone() for p in trainer.generator.parameters()]
+    trainer.iteration()
+    after = list(trainer.generator.parameters())
+    # the average moved halfway from the old weights towards the new ones
+    for avg, old, new in zip(trainer.generator_ema.parameters(), before, after):
+        assert torch.allclose(avg, 0.5 * old + 0.5 * new.detach(), atol=1e-6)
+    latest = trainer.synthesize()
+    x, t = trainer.student_batch(latest)
+    assert len(x) == 16 and torch.equal(x[:12], latest[0][:12]) and torch.equal(x[12:], trainer.ema_batch[0])
+    assert torch.equal(t[12:], trainer.ema_batch[1])
