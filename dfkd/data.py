@@ -152,11 +152,41 @@ def _torchvision(cls_name: str, info: DatasetInfo, **kwargs):
 for _name, _cls, _info in [
     ("mnist", "MNIST", MNIST_INFO),
     ("fashion_mnist_torchvision", "FashionMNIST", FASHION_INFO),
-    ("cifar10", "CIFAR10", CIFAR10_INFO),
-    ("cifar100", "CIFAR100", CIFAR100_INFO),
     ("svhn", "SVHN", SVHN_INFO),
 ]:
     _register(_name, _info)(_torchvision(_cls, _info))
+
+
+def read_cifar_binary(files: list[Path], label_bytes: int, label_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records of `label_bytes` label bytes then 3,072 pixel bytes (3×32×32, channel-major), as the
+    "binary version" of CIFAR-10/100 ships them: no pickle, no checksums to match."""
+    record = label_bytes + 3 * 32 * 32
+    raw = np.concatenate([np.fromfile(f, dtype=np.uint8) for f in files])
+    if raw.size % record:
+        raise DfkdError(f"CIFAR binary files {[f.name for f in files]} are truncated: {raw.size} bytes is not a "
+                        f"whole number of {record}-byte records")  # fmt: skip
+    raw = raw.reshape(-1, record)
+    return raw[:, label_bytes:].reshape(-1, 3, 32, 32), raw[:, label_index].astype(np.int64)
+
+
+def _cifar(folder: str, train: list[str], test: list[str], label_bytes: int, tv_name: str, info: DatasetInfo):
+    """The binary version under data.root (or data.root/<folder>); otherwise torchvision's Python version."""
+    def loader(root: Path | None) -> RawSplits:
+        if root is not None:
+            base = root / folder if (root / folder).is_dir() else root
+            if all((base / f).is_file() for f in train + test):
+                label = label_bytes - 1  # CIFAR-100 stores the coarse label first, then the fine one
+                return (*read_cifar_binary([base / f for f in train], label_bytes, label),
+                        *read_cifar_binary([base / f for f in test], label_bytes, label))  # fmt: skip
+        return _torchvision(tv_name, info)(root)
+
+    return loader
+
+
+_register("cifar10", CIFAR10_INFO)(
+    _cifar("cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"], 1, "CIFAR10", CIFAR10_INFO)
+)
+_register("cifar100", CIFAR100_INFO)(_cifar("cifar-100-binary", ["train.bin"], ["test.bin"], 2, "CIFAR100", CIFAR100_INFO))
 
 
 def to_model_input(raw: np.ndarray, info: DatasetInfo, image_size: int) -> torch.Tensor:

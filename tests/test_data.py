@@ -91,3 +91,36 @@ def test_channels_last_uint8_layout_is_converted():
     assert x.shape == (2, 3, 32, 32)
     assert x[:, 0].mean() > 1 and x[:, 1].mean() < 0
     assert to_model_input(np.zeros((1, 28, 28)), MNIST_INFO, 32).shape == (1, 1, 32, 32)
+
+
+def write_cifar_binary(folder, files, records, label_bytes, seed=0):
+    """Write CIFAR's binary format by hand: per record, label byte(s) then 3×32×32 pixels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in files:
+        labels = rng.integers(0, 10, size=(records, label_bytes), dtype=np.uint8)
+        pixels = rng.integers(0, 256, size=(records, 3 * 32 * 32), dtype=np.uint8)
+        (folder / name).write_bytes(np.concatenate([labels, pixels], axis=1).tobytes())
+        written[name] = (labels, pixels.reshape(records, 3, 32, 32))
+    return written
+
+
+@pytest.mark.parametrize("name, folder, train, test, label_bytes", [
+    ("cifar10", "cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"], 1),
+    ("cifar100", "cifar-100-binary", ["train.bin"], ["test.bin"], 2),
+])  # fmt: skip
+def test_cifar_binary_version_is_read_without_pickle(tmp_path, name, folder, train, test, label_bytes):
+    from dfkd.data import DATASETS
+
+    written = write_cifar_binary(tmp_path / folder, train + test, records=4, label_bytes=label_bytes)
+    ds = load_dataset(DataConfig(name=name, root=str(tmp_path), image_size=32))
+    assert len(ds.train) == 4 * len(train) and len(ds.test) == 4
+    labels, pixels = written[test[0]]
+    assert ds.test.labels.tolist() == labels[:, -1].tolist()  # CIFAR-100: the fine label, stored second
+    info = DATASETS.get(name)[0]
+    back = ds.test.images * torch.tensor(info.std).view(1, 3, 1, 1) + torch.tensor(info.mean).view(1, 3, 1, 1)
+    assert torch.allclose(back * 255, torch.tensor(pixels, dtype=torch.float32), atol=1e-3)
+    (tmp_path / folder / test[0]).write_bytes(b"\x00" * 100)
+    with pytest.raises(DfkdError, match="truncated"):
+        DATASETS.get(name)[1](tmp_path)
