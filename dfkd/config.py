@@ -66,6 +66,9 @@ class MethodConfig:
 
     name: str = "adversarial"
     loss: str = "kl"  # a registered discrepancy (dfkd.losses.LOSSES); KL beat L1 here (runs/RESULTS.md)
+    # Weight of the discrepancy in the generator's loss; 0 leaves the generator to its priors
+    # alone (DAFL: samples the teacher likes, not samples the student gets wrong).
+    adversarial_weight: float = 1.0
     temperature: float = 1.0  # for KL-type losses
     n_student_steps: int = 5
     n_generator_steps: int = 1
@@ -229,7 +232,7 @@ class ExperimentConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise DfkdError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-        for key in ("alpha", "beta"):
+        for key in ("alpha", "beta", "adversarial_weight"):
             if getattr(self.method, key) < 0:
                 raise DfkdError(f"method.{key} must be 0 (off) or positive, got {getattr(self.method, key)}")
         if self.discriminator.layers and len(self.discriminator.layers) != 2:

@@ -22,6 +22,7 @@ class Adversarial:
     def __init__(self, cfg: MethodConfig):
         self.discrepancy = LOSSES.get(cfg.loss)
         self.temperature = cfg.temperature
+        self.adversarial_weight = cfg.adversarial_weight
         self.priors = {name: (PRIORS.get(name), weight) for name, weight in cfg.priors.items()}
         self.feature_loss = FEATURE_LOSSES.get(cfg.feature_loss)
         self.feature_weight = cfg.feature_weight
@@ -34,7 +35,7 @@ class Adversarial:
     def generator_losses(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, **taps) -> dict[str, torch.Tensor]:
         """Minus the discrepancy (the generator ascends it), plus the weighted priors."""
         d = self.discrepancy(student_logits, teacher_logits, self.temperature)
-        out = {"loss": -d, "discrepancy": d}
+        out = {"loss": -self.adversarial_weight * d, "discrepancy": d}
         for name, (prior, weight) in self.priors.items():
             out[f"prior_{name}"] = prior(teacher_logits, **taps)
             out["loss"] = out["loss"] + weight * out[f"prior_{name}"]

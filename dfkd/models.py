@@ -15,13 +15,18 @@ TORCHVISION_PREFIX = "torchvision."
 class LeNet5(nn.Module):
     """LeNet-5 on 32×32 inputs, as in DFAD; `width` scales every layer (0.5 gives LeNet-5-half)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: float = 1.0):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: float = 1.0, batchnorm: bool = False):
         super().__init__()
         c1, c2, c3, f1 = (max(1, round(c * width)) for c in (6, 16, 120, 84))
+
+        def conv(cin, cout):  # with BatchNorm: the same layer paths, the norm sits in the ReLU slot's stead
+            return [nn.Conv2d(cin, cout, 5), nn.Sequential(nn.BatchNorm2d(cout), nn.ReLU(inplace=True)) if batchnorm
+                    else nn.ReLU(inplace=True)]  # fmt: skip
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 5), nn.ReLU(inplace=True),
+            *conv(in_channels, c1), nn.MaxPool2d(2),
+            *conv(c1, c2), nn.MaxPool2d(2),
+            *conv(c2, c3),
         )  # fmt: skip
         self.classifier = nn.Sequential(nn.Linear(c3, f1), nn.ReLU(inplace=True), nn.Linear(f1, num_classes))
 
@@ -29,17 +34,19 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def _lenet(width: float):
+def _lenet(width: float, batchnorm: bool = False):
     def build(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
         if image_size != 32:
             raise DfkdError(f"LeNet-5 takes 32×32 inputs; set data.image_size=32 (got {image_size})")
-        return LeNet5(in_channels, num_classes, width)
+        return LeNet5(in_channels, num_classes, width, batchnorm)
 
     return build
 
 
 CLASSIFIERS.register("lenet5")(_lenet(1.0))
 CLASSIFIERS.register("lenet5_half")(_lenet(0.5))
+# LeNet-5 with BatchNorm after each convolution: a teacher for the BN-statistics prior (DFQ, DeepInversion).
+CLASSIFIERS.register("lenet5_bn")(_lenet(1.0, batchnorm=True))
 
 
 class BasicBlock(nn.Module):

@@ -9,6 +9,7 @@ import torch
 from dfkd.config import DataConfig
 from dfkd.data import MNIST_INFO, load_dataset, read_idx, stratified_split, to_model_input
 from dfkd.errors import DfkdError
+from helpers import write_cifar_binary
 
 
 def write_idx(path, array: np.ndarray, compress: bool):
@@ -91,19 +92,6 @@ def test_channels_last_uint8_layout_is_converted():
     assert x.shape == (2, 3, 32, 32)
     assert x[:, 0].mean() > 1 and x[:, 1].mean() < 0
     assert to_model_input(np.zeros((1, 28, 28)), MNIST_INFO, 32).shape == (1, 1, 32, 32)
-
-
-def write_cifar_binary(folder, files, records, label_bytes, seed=0):
-    """Write CIFAR's binary format by hand: per record, label byte(s) then 3×32×32 pixels."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name in files:
-        labels = rng.integers(0, 10, size=(records, label_bytes), dtype=np.uint8)
-        pixels = rng.integers(0, 256, size=(records, 3 * 32 * 32), dtype=np.uint8)
-        (folder / name).write_bytes(np.concatenate([labels, pixels], axis=1).tobytes())
-        written[name] = (labels, pixels.reshape(records, 3, 32, 32))
-    return written
 
 
 @pytest.mark.parametrize("name, folder, train, test, label_bytes", [

@@ -16,6 +16,36 @@ def test_experiment_files_load(path):
     load_config(path)
 
 
+SMALL = ["teacher.epochs=1", "train.iterations=2", "train.batch_size=8", "train.eval_every=1", "train.sample_every=2",
+         "train.checkpoint_every=2", "tracking.mode=disabled", "train.device=cpu"]  # fmt: skip
+HAS_FASHION = Path("/usr/share/datasets/fashion-mnist").is_dir()
+
+
+@pytest.mark.parametrize("path", [p for p in RUNS if not p.name.startswith(("cifar", "bench"))], ids=lambda p: p.name)
+def test_every_preset_takes_two_iterations(tmp_path, path):
+    from dfkd.trainer import Trainer
+
+    if path.name.startswith("fmnist") and not HAS_FASHION:
+        pytest.skip("needs dataset-fashion-mnist")
+    cfg = load_config(path, SMALL)
+    if cfg.teachers:  # a pool trains several teachers; two quick ones stand in for them here
+        cfg.teachers = [load_config(None, ["teacher.epochs=1", f"teacher.arch={a}"]).teacher for a in ("lenet5", "mlp")]
+    assert Trainer(cfg, tmp_path, progress=False).fit()["iterations"] == 2
+
+
+@pytest.mark.parametrize("path", sorted(p for p in RUNS if p.name.startswith("cifar")), ids=lambda p: p.name)
+def test_cifar_paper_presets_start_on_a_small_cifar_file(tmp_path, path):
+    from helpers import write_cifar_binary
+
+    from dfkd.trainer import Trainer
+
+    write_cifar_binary(tmp_path / "cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], 4, 1)
+    write_cifar_binary(tmp_path / "cifar-100-binary", ["train.bin", "test.bin"], 8, 2)
+    cfg = load_config(path, [*SMALL, f"data.root={tmp_path}", "generator.width=8"])
+    summary = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert summary["iterations"] == 2 and len(summary["teacher_accs"]) == 1
+
+
 def test_demo_file_spells_out_the_defaults():
     demo = load_config(Path(__file__).parent.parent / "runs" / "mnist5k_demo.yaml")
     demo.name = ExperimentConfig.name
@@ -43,7 +73,7 @@ FMNIST_MIN_RATIO = 0.78
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist")
+@pytest.mark.skipif(not HAS_FASHION, reason="needs dataset-fashion-mnist")
 def test_fashion_mnist_recipe_keeps_its_measured_level(tmp_path):
     summary = run_cli(tmp_path, "run", str(Path(__file__).parent.parent / "runs" / "fmnist_lenet5.yaml"))
     print(json.dumps(summary))
