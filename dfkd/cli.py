@@ -108,7 +108,10 @@ def cmd_run(cfg, args) -> int:
     if args.resume:
         trainer.load_checkpoint(out / "checkpoints" / "last.pt")
     s = trainer.fit()
-    print(f"\n{'teacher acc':<14}{s['teacher_acc']:7.2f} %  ({cfg.teacher.arch})")
+    archs = s["teacher_archs"]
+    best = archs[s["teacher_accs"].index(s["teacher_acc"])]
+    which = f"{best}, best of {len(archs)} teachers" if len(archs) > 1 else best
+    print(f"\n{'teacher acc':<14}{s['teacher_acc']:7.2f} %  ({which})")
     print(f"{'student acc':<14}{s['student_acc']:7.2f} %  ({cfg.student.arch}, best {s['best_student_acc']:.2f})")
     print(f"{'ratio':<14}{s['ratio']:7.3f}")
     print(f"{'wall time':<14}{s['wall_s']:7.1f} s  ({s['iterations']} iterations, {s['images_per_s']:.0f} images/s)")

@@ -512,6 +512,7 @@ class Trainer:
             "wall_s": round(self.wall_s, 2),
             "images_per_s": round(self.step * self.cfg.method.n_student_steps * cfg.batch_size / max(self.wall_s, 1e-9), 1),
             "teacher_accs": self.teacher_accs,
+            "teacher_archs": [meta["arch"] for meta in self.pool.metas],
             "teachers": [meta.get("path") or r.checkpoint for meta, r in zip(self.pool.metas, self.cfg.teacher_recipes)],
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

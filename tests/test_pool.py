@@ -119,6 +119,7 @@ def test_a_pool_run_logs_each_teacher_and_resumes_the_same_sequence(tiny, tmp_pa
         assert torch.equal(a, b)
 
     assert len(summary["teacher_accs"]) == 3 and summary["teacher_acc"] == max(summary["teacher_accs"])
+    assert summary["teacher_archs"] == ["lenet5", "mlp", "lenet5_half"]
     assert summary["ratio"] == pytest.approx(summary["student_acc"] / max(summary["teacher_accs"]))
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     keys = {k for r in records for k in r}

@@ -79,3 +79,11 @@ def test_fashion_mnist_recipe_keeps_its_measured_level(tmp_path):
     print(json.dumps(summary))
     assert summary["teacher_acc"] > 85
     assert summary["student_acc"] / summary["teacher_acc"] >= FMNIST_MIN_RATIO
+
+
+@pytest.mark.slow
+def test_gankd_student_reaches_95_percent_of_teacher(tmp_path):
+    summary = run_cli(tmp_path, "run", str(Path(__file__).parent.parent / "runs" / "mnist5k_gankd.yaml"))
+    print(json.dumps(summary))
+    assert summary["teacher_acc"] > 95
+    assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
