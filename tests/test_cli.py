@@ -189,3 +189,11 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tmp_path)
                 assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), f"{name}: {part} differs"
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(line)["step"] for line in (whole / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_layers_prints_paths_and_shapes(capsys):
+    assert main(["layers", "lenet5_half"]) == 0
+    out = capsys.readouterr().out
+    assert "features.5" in out and "MaxPool2d" in out and "8 x 5 x 5" in out
+    assert main(["layers", "lenet9"]) == 2
+    assert "unknown classifier 'lenet9'" in capsys.readouterr().err
