@@ -28,8 +28,9 @@ def test_every_preset_takes_two_iterations(tmp_path, path):
     if path.name.startswith("fmnist") and not HAS_FASHION:
         pytest.skip("needs dataset-fashion-mnist")
     cfg = load_config(path, SMALL)
-    if cfg.teachers:  # a pool trains several teachers; two quick ones stand in for them here
-        cfg.teachers = [load_config(None, ["teacher.epochs=1", f"teacher.arch={a}"]).teacher for a in ("lenet5", "mlp")]
+    if cfg.teachers:  # a pool trains several teachers; as many quick ones stand in for them here
+        archs = ["lenet5", "mlp", "lenet5_half"][: len(cfg.teachers)]
+        cfg.teachers = [load_config(None, ["teacher.epochs=1", f"teacher.arch={a}"]).teacher for a in archs]
     assert Trainer(cfg, tmp_path, progress=False).fit()["iterations"] == 2
 
 
