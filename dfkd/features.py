@@ -28,6 +28,9 @@ def capture(model: nn.Module, paths: Sequence[str], owner: str = "model", inputs
     """`with capture(net, ["features.2"]) as feats: net(x)` leaves the layer's output (or, with
     `inputs`, its first input) in feats["features.2"]."""
     feats: dict[str, torch.Tensor] = {}
+    if not paths:  # the common case on the hot path: no module walk, no hooks
+        yield feats
+        return
 
     def hook(path):
         return lambda _m, args, out: feats.__setitem__(path, args[0] if inputs else out)

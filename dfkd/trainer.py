@@ -194,9 +194,7 @@ class Trainer:
             if not layer:
                 raise DfkdError("method.priors.activation reads a teacher layer: set method.activation_layer "
                                 "(the penultimate one in DAFL; dfkd layers ARCH lists them)")  # fmt: skip
-            if not self.pool.strategy.feature_sources:
-                raise DfkdError(f"method.priors.activation reads one teacher's layer; pool.strategy="
-                                f"{self.cfg.pool.strategy} mixes several: use random, round_robin or split")  # fmt: skip
+            self._need_one_teacher_per_iteration("method.priors.activation")
             for model, meta in zip(self.pool.models, self.pool.metas):
                 find_layers(model, [layer], f"teacher {meta['arch']}")
 
@@ -204,13 +202,15 @@ class Trainer:
         pairs = self.layer_pairs
         if not pairs:
             return
-        sources = self.pool.strategy.feature_sources
-        if not sources:
-            raise DfkdError(f"feature layers need one teacher to read per iteration; pool.strategy="
-                            f"{self.cfg.pool.strategy} mixes several: use random, round_robin or split")  # fmt: skip
+        self._need_one_teacher_per_iteration("feature layers")
         find_layers(self.student, [s for s, _ in pairs], f"student {self.cfg.student.arch}")
-        for i in sources:
+        for i in self.pool.strategy.feature_sources:
             find_layers(self.pool.models[i], [t for _, t in pairs], f"teacher {self.pool.metas[i]['arch']}")
+
+    def _need_one_teacher_per_iteration(self, what: str) -> None:
+        if not self.pool.strategy.feature_sources:
+            raise DfkdError(f"{what} read one teacher's layers per iteration; pool.strategy="
+                            f"{self.cfg.pool.strategy} mixes several: use random, round_robin or split")  # fmt: skip
 
     def _build_discriminator(self) -> tuple[nn.Module | None, nn.Module | None]:
         """The discriminator (None unless the method uses one), and the student's feature adapter

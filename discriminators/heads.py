@@ -1,6 +1,8 @@
 """Discriminators: one real/fake logit per example, teacher views being real, student views fake."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -19,7 +21,7 @@ class OutputMLP(nn.Module):
 
     def __init__(self, num_classes: int, width: int = 128, spectral_norm: bool = False):
         super().__init__()
-        sn = lambda layer: _maybe_sn(layer, spectral_norm)  # noqa: E731
+        sn = functools.partial(_maybe_sn, spectral_norm=spectral_norm)
         self.net = nn.Sequential(
             sn(nn.Linear(num_classes, width)), nn.LeakyReLU(0.2),
             sn(nn.Linear(width, width)), nn.LeakyReLU(0.2),
@@ -38,7 +40,7 @@ class FeatureConv(nn.Module):
 
     def __init__(self, channels: int, width: int = 64, spectral_norm: bool = False):
         super().__init__()
-        sn = lambda layer: _maybe_sn(layer, spectral_norm)  # noqa: E731
+        sn = functools.partial(_maybe_sn, spectral_norm=spectral_norm)
         self.net = nn.Sequential(
             sn(nn.Conv2d(channels, width, 3, padding=1)), nn.LeakyReLU(0.2),
             sn(nn.Conv2d(width, width, 3, padding=1)), nn.LeakyReLU(0.2),

@@ -123,18 +123,23 @@ def test_train_teacher_writes_a_checkpoint_with_metadata(tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
 
 
+def wait_for_records(metrics, count, poll_s=0.2, timeout_s=120):
+    """Until a running subprocess has logged `count` lines to its metrics.jsonl."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= count):
+        time.sleep(poll_s)
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     import signal
-    import time
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dfkd", "demo", "--out", str(out), "--iterations", "100000", *TINY,
            "train.checkpoint_every=100000"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.2)
+    wait_for_records(out / "metrics.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -156,7 +161,6 @@ def test_debug_shows_the_traceback_before_or_after_the_command():
 
 def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tmp_path):
     import signal
-    import time
 
     from dfkd.checkpoint import load_safe
 
@@ -168,10 +172,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tmp_path)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(dfkd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 20):
-        time.sleep(0.01)
+    wait_for_records(killed / "metrics.jsonl", 20, poll_s=0.01)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, err
