@@ -1,4 +1,4 @@
-"""`dfkd` command line: demo, run, train-teacher, list."""
+"""`dfkd` command line: demo, run, train-teacher, bench, list, layers."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--out", type=Path, required=True, help="checkpoint path to write")
     teach.add_argument("--no-progress", action="store_true")
     _debug_flag(teach)
+    bench = sub.add_parser(
+        "bench", help="time dfkd's trainer against a plain DFAD loop (same algorithm, same process)",
+        description="Times a plain reference DFAD loop and dfkd's trainer running the same algorithm (fresh "
+        "batch per student step) in turns, prints images/s, each fast path's effect, where dfkd's time goes, "
+        "and on its last line `speedup: X` for dfkd as the config sets its perf section.", epilog=EPILOG)  # fmt: skip
+    bench.add_argument("config", type=Path, nargs="?", help="experiment YAML (default: the demo's)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. perf.channels_last=true")
+    bench.add_argument("--iterations", dest="timed_iterations", type=int, default=10, help="iterations per timing (default 10)")
+    bench.add_argument("--repeats", type=int, default=3, help="timings per contender, taken in turns (default 3)")
+    bench.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time each fast path alone and sample reuse (default: on)")  # fmt: skip
+    bench.add_argument("--time-to-accuracy", type=float, default=0.0, metavar="SECONDS",
+                       help="then train the plain loop and dfkd's recipe for up to SECONDS each and report when they "
+                       "reach 0.9 and 0.95 of the teacher (default 0: skip)")  # fmt: skip
+    _debug_flag(bench)
     sub.add_parser("list", help="list registered datasets, classifiers, generators, losses, methods, strategies")
     layers = sub.add_parser("layers", help="print a classifier's layer paths and output shapes (for method.features)")
     layers.add_argument("arch", help="a registered classifier, e.g. lenet5")
@@ -99,15 +114,23 @@ def _raise_terminated(signum, frame):
 
 
 def cmd_run(cfg, args) -> int:
+    from dfkd import distributed
     from dfkd.trainer import Trainer
 
     signal.signal(signal.SIGTERM, _raise_terminated)
+    distributed.init(cfg.train.device)  # under torchrun: join the other processes
     out = args.out or Path("outputs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _prepare_run_dir(out, args.resume, args.overwrite)
+    out = distributed.gather(out)[0]  # rank 0's clock names the run
+    if distributed.is_main():
+        _prepare_run_dir(out, args.resume, args.overwrite)
+    distributed.barrier()
     trainer = Trainer(cfg, out, progress=not args.no_progress)
     if args.resume:
         trainer.load_checkpoint(out / "checkpoints" / "last.pt")
     s = trainer.fit()
+    distributed.shutdown()
+    if not distributed.is_main():
+        return 0
     archs = s["teacher_archs"]
     best = archs[s["teacher_accs"].index(s["teacher_acc"])]
     which = f"{best}, best of {len(archs)} teachers" if len(archs) > 1 else best
@@ -145,6 +168,23 @@ def cmd_train_teacher(cfg, args) -> int:
     meta = classifier_meta(cfg.teacher.arch, dataset, acc, train_s=round(time.perf_counter() - start, 1))
     save_classifier(args.out, model, meta)
     print(f"{cfg.teacher.arch} on {dataset.name}: test accuracy {acc:.2f} %, saved to {args.out}")
+    return 0
+
+
+def _is_override(config: Path | None) -> bool:
+    """`dfkd bench perf.compile=true`: the optional config slot caught an override."""
+    return config is not None and "=" in config.name and not config.exists()
+
+
+def cmd_bench(cfg, args) -> int:
+    from dfkd.bench import run_bench
+
+    for flag, value in (("iterations", args.timed_iterations), ("repeats", args.repeats)):
+        if value <= 0:
+            raise DfkdError(f"--{flag} must be positive, got {value}")
+    if args.time_to_accuracy < 0:
+        raise DfkdError(f"--time-to-accuracy must be 0 (skip) or positive seconds, got {args.time_to_accuracy:g}")
+    run_bench(cfg, args.timed_iterations, args.repeats, args.variants, args.time_to_accuracy)
     return 0
 
 
@@ -198,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(_config(None, args), args)
         if args.command == "run":
             return cmd_run(_config(args.config, args), args)
-        if args.config is not None and "=" in args.config.name and not args.config.exists():
-            args.overrides, args.config = [str(args.config), *args.overrides], None  # an override, not a file
+        if args.command in ("bench", "train-teacher") and _is_override(args.config):
+            args.overrides, args.config = [str(args.config), *args.overrides], None
+        if args.command == "bench":
+            return cmd_bench(_config(args.config, args), args)
         return cmd_train_teacher(_config(args.config, args), args)
     except DfkdError as err:
         if args.debug:

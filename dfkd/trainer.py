@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from dfkd import distributed
 from dfkd.augment import random_hflip, random_translate
 from dfkd.checkpoint import load_safe, load_weights, save_atomic
 from dfkd.config import ExperimentConfig, OptimizerConfig, config_to_dict
@@ -34,11 +35,12 @@ from dfkd.features import Adapter, capture, find_layers, layer_shapes
 from dfkd.health import CollapseMonitor, first_non_finite
 from dfkd.losses import FEATURE_LOSSES
 from dfkd.methods import build_method
+from dfkd.perf import PhaseTimer, autocast, check_perf, speed_up
 from dfkd.models import build_classifier
 from dfkd.replay import ReplayMemory
 from dfkd.pool import load_pool
 from dfkd.teachers import classifier_meta, save_classifier
-from dfkd.tracking import Tracker
+from dfkd.tracking import NullTracker, Tracker
 from discriminators import DISCRIMINATORS, build_discriminator
 from generators import build_generator
 
@@ -50,13 +52,16 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise DfkdError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    if name == "cuda" and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
-def build_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimizerConfig, fused: bool = False) -> torch.optim.Optimizer:
+    kernel = {"fused": True} if fused else {}
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kernel)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel)
 
 
 def build_schedule(opt: torch.optim.Optimizer, cfg: OptimizerConfig, iterations: int):
@@ -95,14 +100,31 @@ def _every(step: int, interval: int, last: int) -> bool:
     return step % interval == 0 or step == last
 
 
+class StudentSide(nn.Module):
+    """The student with the adapters its features pass through: everything the student step trains,
+    as one module so that DDP averages all of its gradients. Its forward is the student's."""
+
+    def __init__(self, student: nn.Module, adapters: list[nn.Module]):
+        super().__init__()
+        self.student, self.adapters = student, nn.ModuleList(adapters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
 class Trainer:
-    """Data-free adversarial distillation of a teacher (or a pool of them) into one student, in `run_dir`."""
+    """Data-free adversarial distillation of a teacher (or a pool of them) into one student, in `run_dir`.
+    Under torchrun each process runs this with its own synthetic batches; rank 0 writes the files."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, dataset: Dataset | None = None, progress: bool = True):
-        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.main = distributed.is_main()
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress and self.main
         self.device = resolve_device(cfg.train.device)
+        check_perf(cfg.perf, self.device)
+        self.phases = PhaseTimer(self.device)  # off unless `dfkd bench` reads it
         self.dataset = dataset or load_dataset(cfg.data)
-        self.pool = load_pool(cfg, self.dataset, self.device, progress)
+        with distributed.main_first():  # one process trains and caches a missing teacher
+            self.pool = load_pool(cfg, self.dataset, self.device, self.progress)
         # The teacher this iteration plays against, and the pool member the feature term reads.
         self.teacher, self.feature_teacher = self.pool.models[0], next(iter(self.pool.strategy.feature_sources), None)
         torch.manual_seed(cfg.train.seed)
@@ -120,17 +142,24 @@ class Trainer:
         self._check_feature_layers()
         self.discriminator, self.adapter = self._build_discriminator()
         self.feature_adapters = self._build_feature_adapters()
-        # The student's side of the game: the student, and the adapters its features pass through.
-        self.student_params = [*self.student.parameters(), *self.feature_adapters.parameters(),
-                               *(self.adapter.parameters() if self.adapter else ())]  # fmt: skip
-        self.opt_s = build_optimizer(self.student_params, cfg.student_optim)
-        self.opt_g = build_optimizer(self.generator.parameters(), cfg.generator_optim)
+        for net in [*self.networks.values(), *self.pool.models]:
+            speed_up(net, cfg.perf)
+        self.student_side = StudentSide(self.student, [self.feature_adapters, *([self.adapter] if self.adapter else [])])
+        self.student_params = list(self.student_side.parameters())
+        # The forward passes that train a network go through these: DDP wrappers under torchrun.
+        self.train_student = distributed.wrap(self.student_side, self.device)
+        self.train_generator = distributed.wrap(self.generator, self.device)
+        self.train_discriminator = distributed.wrap(self.discriminator, self.device) if self.discriminator else None
+        fused = cfg.perf.fused_optimizers
+        self.opt_s = build_optimizer(self.student_params, cfg.student_optim, fused)
+        self.opt_g = build_optimizer(self.generator.parameters(), cfg.generator_optim, fused)
         self.sched_s = build_schedule(self.opt_s, cfg.student_optim, cfg.train.iterations)
         self.sched_g = build_schedule(self.opt_g, cfg.generator_optim, cfg.train.iterations)
         if self.discriminator is not None:
-            self.opt_d = build_optimizer(self.discriminator.parameters(), cfg.discriminator_optim)
+            self.opt_d = build_optimizer(self.discriminator.parameters(), cfg.discriminator_optim, fused)
             self.sched_d = build_schedule(self.opt_d, cfg.discriminator_optim, cfg.train.iterations)
-        self.latent_rng = torch.Generator().manual_seed(cfg.train.seed)
+        # Each process draws its own latents (rank 0, and a single process, from train.seed itself).
+        self.latent_rng = torch.Generator().manual_seed(cfg.train.seed + 1000 * distributed.rank())
         # One fixed latent batch makes sample grids comparable over time.
         self.fixed_z = torch.randn(N_FIXED_SAMPLES, cfg.generator.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed + 1))
         self.step = 0
@@ -150,21 +179,34 @@ class Trainer:
 
     def generator_step(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """One ascent step; also returns its batch, detached, with the teacher's logits for reuse."""
-        x = self.generator(self.sample_latent())
-        teacher_logits, taps = self._teacher_with_taps(x)
-        losses = self.method.generator_losses(self.student(x), teacher_logits, **taps)
-        self.opt_g.zero_grad(set_to_none=True)
-        losses["loss"].backward(inputs=list(self.generator.parameters()))
-        self._clip(self.generator.parameters(), self.cfg.generator_optim)
-        self.opt_g.step()
+        phase = self.phases
+        with self.autocast():
+            with phase("generator forward"):
+                x = self.train_generator(self.sample_latent())
+            teacher_logits, taps = self._teacher_with_taps(x)
+            with phase("student forward"):
+                student_logits = self.student(x)
+            with phase("losses"):
+                losses = self.method.generator_losses(student_logits, teacher_logits, **taps)
+        with phase("optimizer"):
+            self.opt_g.zero_grad(set_to_none=True)
+        with phase("backward (generator step)"):
+            losses["loss"].backward(inputs=list(self.generator.parameters()))
+        with phase("optimizer"):
+            self._clip(self.generator.parameters(), self.cfg.generator_optim)
+            self.opt_g.step()
         return losses, (x.detach(), teacher_logits.detach())
+
+    def autocast(self):
+        return autocast(self.cfg.perf, self.device)
 
     def _teacher_with_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The teacher's logits, and what the generator's priors read inside it on the way."""
         wanted = self.method.taps
         bn_layers = batchnorm_layers(self.teacher) if "bn_inputs" in wanted else {}
         act = [self.cfg.method.activation_layer] if "activation" in wanted else []
-        with capture(self.teacher, list(bn_layers), inputs=True) as bn_in, capture(self.teacher, act) as acts:
+        with capture(self.teacher, list(bn_layers), inputs=True) as bn_in, capture(self.teacher, act) as acts, \
+                self.phases("teacher forward"):  # fmt: skip
             logits = self.teacher(x)
         taps = {"bn_inputs": [(bn_in[p], m.running_mean, m.running_var) for p, m in bn_layers.items()]} if bn_layers else {}
         if act:
@@ -175,8 +217,11 @@ class Trainer:
     def synthesize(self, generator: nn.Module | None = None, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A detached synthetic batch (of `n` images from `generator`, by default a full batch from
         the live one) and the teacher's logits for it."""
-        x = (generator or self.generator)(self.sample_latent(n))
-        return x, self.teacher(x)
+        with self.autocast():
+            with self.phases("generator forward"):
+                x = (generator or self.generator)(self.sample_latent(n))
+            with self.phases("teacher forward"):
+                return x, self.teacher(x)
 
     @property
     def layer_pairs(self) -> list[list[str]]:
@@ -260,28 +305,34 @@ class Trainer:
     def student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[dict, dict]:
         """Discriminator steps (when there is one) then one student step, on one batch. Returns
         the student's losses and the last discriminator step's (empty without one)."""
-        pairs = self.layer_pairs
-        with capture(self.student, [s for s, _ in pairs]) as fs:
-            logits = self.student(x)
-        ft = {}
-        if pairs:
-            i = self.feature_teacher
-            with torch.no_grad(), capture(self.pool.models[i], [t for _, t in pairs]) as ft:
-                self.pool.models[i](x)
-        feature_pairs = [(adapt(fs[s]), ft[t]) for adapt, (s, t) in zip(self.feature_adapters, self.cfg.method.features)]
-        d_losses, d_fake = {}, None
-        if self.discriminator is not None:
-            real, fake = self._discriminator_views(logits, teacher_logits, fs, ft)
-            for _ in range(self.cfg.discriminator.steps):
-                d_losses = self.discriminator_step(real, fake.detach())
-            d_fake = self.discriminator(fake)
-        losses = self.method.student_losses(logits, teacher_logits, feature_pairs, d_fake)
-        self.opt_s.zero_grad(set_to_none=True)
-        losses["loss"].backward(inputs=self.student_params)  # never into the discriminator
-        self._clip(self.student_params, self.cfg.student_optim)
-        self.opt_s.step()
-        if self.ema is not None:
-            ema_update(self.ema, self.student, self.cfg.train.student_ema)
+        pairs, phase = self.layer_pairs, self.phases
+        with self.autocast():
+            with capture(self.student, [s for s, _ in pairs]) as fs, phase("student forward"):
+                logits = self.train_student(x)
+            ft = {}
+            if pairs:
+                i = self.feature_teacher
+                with torch.no_grad(), capture(self.pool.models[i], [t for _, t in pairs]) as ft, phase("teacher forward"):
+                    self.pool.models[i](x)
+            feature_pairs = [(adapt(fs[s]), ft[t]) for adapt, (s, t) in zip(self.feature_adapters, self.cfg.method.features)]
+            d_losses, d_fake = {}, None
+            if self.discriminator is not None:
+                real, fake = self._discriminator_views(logits, teacher_logits, fs, ft)
+                with phase("discriminator"):
+                    for _ in range(self.cfg.discriminator.steps):
+                        d_losses = self.discriminator_step(real, fake.detach())
+                    d_fake = self.discriminator(fake)
+            with phase("losses"):
+                losses = self.method.student_losses(logits, teacher_logits, feature_pairs, d_fake)
+        with phase("optimizer"):
+            self.opt_s.zero_grad(set_to_none=True)
+        with phase("backward (student step)"):
+            losses["loss"].backward(inputs=self.student_params)  # never into the discriminator
+        with phase("optimizer"):
+            self._clip(self.student_params, self.cfg.student_optim)
+            self.opt_s.step()
+            if self.ema is not None:
+                ema_update(self.ema, self.student, self.cfg.train.student_ema)
         return losses, d_losses
 
     def _discriminator_views(self, logits, teacher_logits, fs, ft) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +346,8 @@ class Trainer:
         return ft[t_path], fs[s_path] if self.adapter is None else self.adapter(fs[s_path])
 
     def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-        losses = self.method.discriminator_losses(self.discriminator(real), self.discriminator(fake))
+        d = self.train_discriminator
+        losses = self.method.discriminator_losses(d(real), d(fake))
         self.opt_d.zero_grad(set_to_none=True)
         losses["loss"].backward(inputs=list(self.discriminator.parameters()))
         self._clip(self.discriminator.parameters(), self.cfg.discriminator_optim)
@@ -353,6 +405,11 @@ class Trainer:
         return self.ema if self.ema is not None else self.student
 
     @property
+    def images_per_iteration(self) -> int:
+        """Synthetic images the student trains on per iteration, over all processes."""
+        return self.cfg.method.n_student_steps * self.cfg.train.batch_size * distributed.world_size()
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
 
@@ -361,10 +418,7 @@ class Trainer:
         checkpoint, and return None (resume with load_checkpoint and fit again)."""
         cfg = self.cfg.train
         stop = min(stop_at or cfg.iterations, cfg.iterations)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(_yaml_dump(config_to_dict(self.cfg)))
-        tracker = Tracker(self.run_dir, self.cfg.tracking, config_to_dict(self.cfg), self.run_id,
-                          resume_step=self.step if self.step else None)  # fmt: skip
+        tracker = self._open_tracker()
         if self.step == 0:
             tracker.log(self.teacher_metrics(), step=0)
             self.save_checkpoint()  # the state a divergence before the first checkpoint rolls back to
@@ -388,6 +442,15 @@ class Trainer:
         summary = self.finish(tracker)
         tracker.finish()
         return summary
+
+    def _open_tracker(self) -> Tracker | NullTracker:
+        """The run's record (rank 0's alone under torchrun): config.yaml, metrics.jsonl and W&B."""
+        if not self.main:
+            return NullTracker()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(_yaml_dump(config_to_dict(self.cfg)))
+        return Tracker(self.run_dir, self.cfg.tracking, config_to_dict(self.cfg), self.run_id,
+                       resume_step=self.step if self.step else None)  # fmt: skip
 
     def _loop(self, stop: int, tracker: Tracker, bar, start: float) -> None:
         cfg = self.cfg.train
@@ -414,8 +477,7 @@ class Trainer:
             if log_now:
                 now = time.perf_counter()
                 metrics = {k: v / count for k, v in zip(sums, torch.stack(list(sums.values())).tolist())}
-                images = count * self.cfg.method.n_student_steps * cfg.batch_size
-                metrics["perf/student_images_per_s"] = images / max(now - last_log, 1e-9)
+                metrics["perf/student_images_per_s"] = count * self.images_per_iteration / max(now - last_log, 1e-9)
                 metrics["train/lr_S"] = self.opt_s.param_groups[0]["lr"]
                 metrics["health/collapse"] = self._check_collapse(metrics["train/top_class_frac"])
                 if len(self.pool) > 1:
@@ -423,11 +485,11 @@ class Trainer:
                 tracker.log(metrics, step)
                 bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", best=f"{self.best_acc:.1f}")
                 sums, count, last_log = {}, 0, now
-            if _every(step, cfg.eval_every, last):
+            if _every(step, cfg.eval_every, last) and self.main:
                 evals = self.evaluate()
                 tracker.log(evals, step)
                 bar.set_postfix(acc=f"{evals['eval/student_acc']:.1f}", best=f"{self.best_acc:.1f}")
-            if _every(step, cfg.sample_every, last):
+            if _every(step, cfg.sample_every, last) and self.main:
                 path = self.save_samples()
                 tracker.log_image("train/samples", path, step)
             self.wall_s = time.perf_counter() - start
@@ -443,7 +505,11 @@ class Trainer:
         return players
 
     def non_finite(self, losses: dict[str, torch.Tensor]) -> str | None:
-        return first_non_finite(losses, {k: m for k, m in self.networks.items() if k not in ("ema", "generator_ema")})
+        """What is NaN or Inf, if anything; under torchrun every rank gets an answer when any finds one."""
+        cause = first_non_finite(losses, {k: m for k, m in self.networks.items() if k not in ("ema", "generator_ema")})
+        if distributed.any_rank(cause is not None) and cause is None:
+            cause = "value on another process"
+        return cause
 
     def roll_back(self, cause: str, tracker: Tracker) -> None:
         """Reload the last good checkpoint with lowered learning rates; stop after max_rollbacks."""
@@ -510,11 +576,13 @@ class Trainer:
             "ratio": acc / self.teacher_acc,
             "iterations": self.step,
             "wall_s": round(self.wall_s, 2),
-            "images_per_s": round(self.step * self.cfg.method.n_student_steps * cfg.batch_size / max(self.wall_s, 1e-9), 1),
+            "images_per_s": round(self.step * self.images_per_iteration / max(self.wall_s, 1e-9), 1),
             "teacher_accs": self.teacher_accs,
             "teacher_archs": [meta["arch"] for meta in self.pool.metas],
             "teachers": [meta.get("path") or r.checkpoint for meta, r in zip(self.pool.metas, self.cfg.teacher_recipes)],
         }
+        if not self.main:
+            return summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         student_path = self.run_dir / "student.pt"
         meta = classifier_meta(self.cfg.student.arch, self.dataset, acc, teacher_acc=self.teacher_acc, distilled=True)
@@ -541,7 +609,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "collapse_streak": self.collapse.streak,
             "config": config_to_dict(self.cfg),
-            "latent_rng": self.latent_rng.get_state(),
+            "latent_rngs": distributed.gather(self.latent_rng.get_state()),  # one per process (torchrun)
             "torch_rng": torch.get_rng_state(),
             "pool": self.pool.state_dict(),
         }
@@ -555,7 +623,10 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> Path:
-        save_atomic(self.state_dict(), self.checkpoint_path)
+        state = self.state_dict()  # on every rank: it gathers each one's latent generator
+        if self.main:
+            save_atomic(state, self.checkpoint_path)
+        distributed.barrier()  # a rollback on any rank must find the file written
         return self.checkpoint_path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -564,7 +635,7 @@ class Trainer:
         mine = config_to_dict(self.cfg)
         saved_train = {**saved.get("train", {}), "iterations": None}
         mine_train = {**mine["train"], "iterations": None}
-        diffs = [k for k in mine if k != "train" and saved.get(k) != mine[k]]
+        diffs = [k for k in mine if k not in ("train", "perf") and saved.get(k) != mine[k]]  # perf: same algorithm
         diffs += [f"train.{k}" for k in mine_train if saved_train.get(k) != mine_train[k]]
         if diffs:
             raise DfkdError(f"cannot resume {path}: config differs from the saved run in {', '.join(diffs)}")
@@ -575,7 +646,9 @@ class Trainer:
             sched.load_state_dict(state[f"sched_{player}"])
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
-        self.latent_rng.set_state(state["latent_rng"])
+        rngs = state["latent_rngs"] if "latent_rngs" in state else [state["latent_rng"]]  # older checkpoints
+        if distributed.rank() < len(rngs):  # else: a process the saved run did not have keeps its fresh seed
+            self.latent_rng.set_state(rngs[distributed.rank()])
         self.pool.load_state_dict(state["pool"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():

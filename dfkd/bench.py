@@ -1,0 +1,248 @@
+"""`dfkd bench`: dfkd's trainer against a plain reference loop, same algorithm, same process.
+
+The plain loop is written the way the reference DFAD code is: a fresh generator batch for every
+student step, the teacher left trainable (its parameter gradients are computed and never used),
+full backward passes (the generator step also fills the student's gradients), and a host sync
+(`.item()`) after every step. dfkd runs the same algorithm (sample reuse off, no weight average)
+with the same networks, initial weights, latents, losses, optimizers and schedules; the two are
+timed in turns, several times, and the medians compared.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from dfkd.config import ExperimentConfig, with_settings
+from dfkd.data import Dataset, DatasetInfo
+from dfkd.errors import DfkdError
+from dfkd.evaluate import accuracy
+from dfkd.losses import LOSSES
+from dfkd.models import build_classifier
+from dfkd.trainer import Trainer, build_optimizer, build_schedule
+from generators import build_generator
+
+# What makes dfkd's trainer run exactly the plain loop's algorithm.
+PLAIN_ALGORITHM = {
+    "method.reuse_samples": False, "train.student_ema": 0.0, "method.replay_size": 0,
+    "method.generator_ema": 0.0, "method.student_shift": 0, "method.student_flip": False,
+}  # fmt: skip
+# Each fast path alone, on top of dfkd without any (CUDA-only ones are skipped on the CPU).
+FAST_PATHS = {
+    "channels_last": {"perf.channels_last": True},
+    "fused_optimizers": {"perf.fused_optimizers": True},
+    "compile": {"perf.compile": True},
+    "bf16 autocast": {"perf.autocast": "bf16"},
+}
+NO_FAST_PATHS = {"perf.channels_last": False, "perf.fused_optimizers": False, "perf.compile": False, "perf.autocast": "none"}
+
+
+def plain_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with the plain DFAD algorithm; what the plain loop cannot mirror is refused."""
+    m = cfg.method
+    unsupported = {
+        "method.name": m.name != "adversarial", "method.priors": bool(m.priors), "method.features": bool(m.features),
+        "teachers": len(cfg.teacher_recipes) > 1,
+    }  # fmt: skip
+    for key, present in unsupported.items():
+        if present:
+            raise DfkdError(f"dfkd bench times the plain DFAD loop (one teacher, one response loss); drop {key} from the config")
+    return with_settings(cfg, PLAIN_ALGORITHM)
+
+
+class PlainLoop:
+    """The reference DFAD loop. It builds its own networks with the trainer's seed, so both start
+    from the same weights; the teacher is a trainable copy of the trainer's."""
+
+    def __init__(self, cfg: ExperimentConfig, teacher: nn.Module, info: DatasetInfo, device: torch.device):
+        self.cfg, self.device = cfg, device
+        size, g = cfg.data.image_size, cfg.generator
+        torch.manual_seed(cfg.train.seed)
+        self.student = build_classifier(cfg.student.arch, info.channels, info.num_classes, size).to(device)
+        self.generator = build_generator(g.name, g.latent_dim, g.width, info.channels, size).to(device)
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(True)
+        self.opt_s = build_optimizer(self.student.parameters(), cfg.student_optim)
+        self.opt_g = build_optimizer(self.generator.parameters(), cfg.generator_optim)
+        self.sched_s = build_schedule(self.opt_s, cfg.student_optim, cfg.train.iterations)
+        self.sched_g = build_schedule(self.opt_g, cfg.generator_optim, cfg.train.iterations)
+        self.loss = LOSSES.get(cfg.method.loss)
+        self.rng = torch.Generator().manual_seed(cfg.train.seed)
+
+    def latent(self) -> torch.Tensor:
+        return torch.randn(self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.rng).to(self.device)
+
+    def iteration(self) -> None:
+        m, tau = self.cfg.method, self.cfg.method.temperature
+        self.student.train()
+        self.generator.train()
+        for _ in range(m.n_generator_steps):
+            self.opt_g.zero_grad()
+            fake = self.generator(self.latent())
+            loss_g = -m.adversarial_weight * self.loss(self.student(fake), self.teacher(fake), tau)
+            loss_g.backward()
+            self.opt_g.step()
+            loss_g.item()
+        for _ in range(m.n_student_steps):
+            self.opt_s.zero_grad()
+            fake = self.generator(self.latent()).detach()
+            t_logit = self.teacher(fake)
+            loss_s = self.loss(self.student(fake), t_logit.detach(), tau)
+            loss_s.backward()
+            self.opt_s.step()
+            loss_s.item()
+        self.sched_s.step()
+        self.sched_g.step()
+
+
+def advance(trainer: Trainer) -> None:
+    trainer.iteration()
+    trainer.step += 1
+
+
+def stepper(trainer: Trainer) -> Callable[[], None]:
+    return lambda: advance(trainer)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def images_per_s(contenders: dict[str, Callable[[], None]], iterations: int, repeats: int, images: int,
+                 device: torch.device) -> dict[str, float]:  # fmt: skip
+    """Median images/s of each contender over `repeats` timings of `iterations` iterations, taken in
+    turns so that a change in the machine's load hits every contender alike. One untimed warm-up
+    iteration each (compilation, allocator)."""
+    for step in contenders.values():
+        step()
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, step in contenders.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(iterations):
+                step()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: images * iterations / statistics.median(s) for name, s in seconds.items()}
+
+
+def phase_breakdown(trainer: Trainer, iterations: int) -> tuple[float, dict[str, float]]:
+    """Seconds per iteration in all, and per phase; what no phase covers is framework overhead."""
+    trainer.phases.reset()
+    trainer.phases.enabled = True
+    sync(trainer.device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        advance(trainer)
+    sync(trainer.device)
+    total = (time.perf_counter() - start) / iterations
+    trainer.phases.enabled = False
+    phases = {name: s / iterations for name, s in trainer.phases.totals.items()}
+    phases["framework overhead"] = max(total - sum(phases.values()), 0.0)
+    return total, phases
+
+
+@dataclass
+class Progress:
+    """Accuracy over training wall time (evaluation excluded) of one contender."""
+
+    seconds: list[float]
+    ratios: list[float]
+
+    def first_at(self, ratio: float) -> float | None:
+        return next((s for s, r in zip(self.seconds, self.ratios) if r >= ratio), None)
+
+
+def time_to_accuracy(step: Callable[[], None], evaluate: Callable[[], float], teacher_acc: float, budget_s: float,
+                     eval_every: int, max_iterations: int, device: torch.device) -> Progress:  # fmt: skip
+    progress, trained, it = Progress([], []), 0.0, 0
+    while trained < budget_s and it < max_iterations:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(eval_every):
+            step()
+        sync(device)
+        trained += time.perf_counter() - start
+        it += eval_every
+        progress.seconds.append(trained)
+        progress.ratios.append(evaluate() / teacher_acc)
+    return progress
+
+
+def _trainer(cfg: ExperimentConfig, run_root: str, dataset: Dataset | None = None) -> Trainer:
+    return Trainer(cfg, tempfile.mkdtemp(dir=run_root), dataset, progress=False)
+
+
+def run_bench(cfg: ExperimentConfig, iterations: int, repeats: int, variants: bool, tta_s: float, out=print) -> float:
+    """Print the comparison; return the speedup of dfkd, as `cfg` configures it, over the plain loop."""
+    plain_cfg = plain_config(cfg)
+    with tempfile.TemporaryDirectory(prefix="dfkd-bench-") as root:
+        configured = _trainer(plain_cfg, root)
+        base_cfg = with_settings(plain_cfg, NO_FAST_PATHS)
+        data = configured.dataset
+        baseline = _trainer(base_cfg, root, data) if base_cfg.perf != plain_cfg.perf else configured
+        plain = PlainLoop(plain_cfg, baseline.teacher, data.info, configured.device)
+        m, t = plain_cfg.method, plain_cfg.train
+        out(f"dfkd bench: {cfg.teacher_recipes[0].arch} -> {cfg.student.arch}, {cfg.generator.name} generator "
+            f"(width {cfg.generator.width}), batch {t.batch_size}, {m.n_student_steps} student step(s) per "
+            f"generator step, loss {m.loss}, {configured.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")  # fmt: skip
+        out(f"timing {iterations} iterations x {repeats} repeats in turns; student images/s (median)\n")
+        contenders: dict[str, Callable[[], None]] = {"plain loop (reference)": plain.iteration}
+        if baseline is not configured:
+            contenders["dfkd, no fast paths"] = stepper(baseline)
+        if variants:
+            for name, settings in FAST_PATHS.items():
+                variant_cfg = with_settings(base_cfg, settings)
+                if variant_cfg.perf == plain_cfg.perf or (settings.get("perf.autocast") and configured.device.type != "cuda"):
+                    continue
+                contenders[f"dfkd + {name}"] = stepper(_trainer(variant_cfg, root, data))
+            reuse = _trainer(with_settings(plain_cfg, {"method.reuse_samples": True}), root, data)
+            contenders["dfkd + sample reuse (not the same algorithm)"] = stepper(reuse)
+        perf = ", ".join(f"{k}={v}" for k, v in vars(plain_cfg.perf).items())
+        contenders[f"dfkd as configured ({perf})"] = stepper(configured)
+        rates = images_per_s(contenders, iterations, repeats, t.batch_size * m.n_student_steps, configured.device)
+        reference = rates["plain loop (reference)"]
+        width = max(map(len, rates)) + 2
+        out(f"{'contender':<{width}}{'images/s':>10}{'vs plain':>10}")
+        for name, rate in rates.items():
+            out(f"{name:<{width}}{rate:>10.1f}{rate / reference:>10.2f}")
+
+        total, phases = phase_breakdown(configured, iterations)
+        out(f"\nwhere dfkd's time goes (as configured; phases timed on their own): {1000 * total:.1f} ms per iteration")
+        for name, s in sorted(phases.items(), key=lambda kv: -kv[1]):
+            out(f"  {name:<28}{1000 * s:>9.1f} ms {100 * s / total:>6.1f} %")
+
+        if tta_s > 0:
+            _report_time_to_accuracy(cfg, plain_cfg, baseline, root, tta_s, out)
+    speedup = rates[f"dfkd as configured ({perf})"] / reference
+    out(f"speedup: {speedup:.2f}")
+    return speedup
+
+
+def _report_time_to_accuracy(cfg, plain_cfg, baseline: Trainer, root: str, budget_s: float, out) -> None:
+    """Wall seconds of training (evaluation excluded) until the student reaches 0.9 and 0.95 of the
+    teacher: the plain loop, dfkd's recipe as configured, and that recipe without sample reuse."""
+    out(f"\ntime to accuracy: at most {budget_s:g} s of training each (or train.iterations), evaluated every 20 iterations")
+    teacher_acc, test, device = baseline.teacher_acc, baseline.dataset.test, baseline.device
+    plain = PlainLoop(plain_cfg, baseline.teacher, baseline.dataset.info, device)
+    recipe = _trainer(cfg, root, baseline.dataset)
+    no_reuse = _trainer(with_settings(cfg, {"method.reuse_samples": False}), root, baseline.dataset)
+    contenders = {
+        "plain loop (reference)": (plain.iteration, lambda: accuracy(plain.student, test, device)),
+        "dfkd recipe": (stepper(recipe), lambda: recipe.evaluate()["eval/student_acc"]),
+        "dfkd recipe, no sample reuse": (stepper(no_reuse), lambda: no_reuse.evaluate()["eval/student_acc"]),
+    }
+    width = max(map(len, contenders)) + 2
+    out(f"{'contender':<{width}}{'to 0.90':>10}{'to 0.95':>10}{'best':>8}{'final':>8}{'iterations':>12}")
+    for name, (step, evaluate) in contenders.items():
+        p = time_to_accuracy(step, evaluate, teacher_acc, budget_s, 20, cfg.train.iterations, device)
+        reached = [p.first_at(r) for r in (0.9, 0.95)]
+        cells = "".join(f"{f'{s:.0f} s' if s is not None else 'never':>10}" for s in reached)
+        out(f"{name:<{width}}{cells}{max(p.ratios):>8.3f}{p.ratios[-1]:>8.3f}{20 * len(p.ratios):>12}")

@@ -1,0 +1,61 @@
+"""Fast paths (config `perf`) and the per-phase timer `dfkd bench` reads."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import torch
+import torch.nn as nn
+
+from dfkd.config import PerfConfig
+from dfkd.errors import DfkdError
+
+
+def check_perf(cfg: PerfConfig, device: torch.device) -> None:
+    if cfg.autocast == "bf16" and device.type != "cuda":
+        raise DfkdError(f"perf.autocast=bf16 runs on CUDA only, but train.device is {device.type}; use perf.autocast=none")
+
+
+def speed_up(model: nn.Module, cfg: PerfConfig) -> nn.Module:
+    """Apply the layout and compile switches to one network, in place (state_dict keys unchanged)."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()
+    return model
+
+
+def autocast(cfg: PerfConfig, device: torch.device) -> AbstractContextManager:
+    """The context forward passes and losses run in: bf16 autocast on CUDA when asked, else nothing."""
+    if cfg.autocast == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class PhaseTimer:
+    """Seconds spent per named phase of an iteration. Off (a shared no-op context) while training;
+    `dfkd bench` switches it on, and then it synchronizes CUDA around each phase so the times are
+    the phases' own rather than their kernel launches'."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = False
+        self.totals: dict[str, float] = defaultdict(float)
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._off = nullcontext()
+
+    def __call__(self, name: str) -> AbstractContextManager:
+        return self._timed(name) if self.enabled else self._off
+
+    @contextmanager
+    def _timed(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[name] += time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.totals.clear()
