@@ -41,6 +41,8 @@ class RandomTeacher(Strategy):
     """One teacher uniformly at random per iteration, from the run's seeded generator."""
 
     def choose(self, step, rng):
+        if self.n == 1:  # no draw: nothing to choose, and no tensor to read back
+            return Choice({0: 1.0}, 0)
         i = int(torch.randint(self.n, (1,), generator=rng))
         return Choice({i: 1.0}, i)
 

@@ -384,7 +384,9 @@ class Trainer:
             s, d = self.student_step(*self.student_batch(latest))
         for _, sched in self.optimizers.values():
             sched.step()
-        classes = torch.bincount(latest[1].argmax(1), minlength=latest[1].shape[1])
+        top = latest[1].argmax(1)
+        # (not bincount: on CUDA it reads the largest label back to size its output, a host sync)
+        classes = torch.zeros(latest[1].shape[1], device=top.device).index_add_(0, top, torch.ones_like(top, dtype=torch.float))
         # A generator collapsing onto few classes shows here first.
         out = {"train/loss_G": g["loss"], "train/loss_S": s["loss"], "train/top_class_frac": classes.max() / classes.sum()}
         out.update({f"train/{k}": v for k, v in g.items() if k != "loss"})
