@@ -169,6 +169,20 @@ def read_cifar_binary(files: list[Path], label_bytes: int, label_index: int) -> 
     return raw[:, label_bytes:].reshape(-1, 3, 32, 32), raw[:, label_index].astype(np.int64)
 
 
+def write_cifar_binary(folder: Path, files: list[str], records: int, label_bytes: int, seed: int = 0) -> dict:
+    """Random images in CIFAR's binary layout (per record: label byte(s), then 3×32×32 pixels): a
+    stand-in where the real files are absent (tests, timing on a fresh GPU machine)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in files:
+        labels = rng.integers(0, 10, size=(records, label_bytes), dtype=np.uint8)
+        pixels = rng.integers(0, 256, size=(records, 3 * 32 * 32), dtype=np.uint8)
+        (folder / name).write_bytes(np.concatenate([labels, pixels], axis=1).tobytes())
+        written[name] = (labels, pixels.reshape(records, 3, 32, 32))
+    return written
+
+
 def _cifar(folder: str, train: list[str], test: list[str], label_bytes: int, tv_name: str, info: DatasetInfo):
     """The binary version under data.root (or data.root/<folder>); otherwise torchvision's Python version."""
     def loader(root: Path | None) -> RawSplits:

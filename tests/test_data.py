@@ -9,7 +9,7 @@ import torch
 from dfkd.config import DataConfig
 from dfkd.data import MNIST_INFO, load_dataset, read_idx, stratified_split, to_model_input
 from dfkd.errors import DfkdError
-from helpers import write_cifar_binary
+from dfkd.data import write_cifar_binary
 
 
 def write_idx(path, array: np.ndarray, compress: bool):

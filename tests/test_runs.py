@@ -36,7 +36,7 @@ def test_every_preset_takes_two_iterations(tmp_path, path):
 
 @pytest.mark.parametrize("path", sorted(p for p in RUNS if p.name.startswith("cifar")), ids=lambda p: p.name)
 def test_cifar_paper_presets_start_on_a_small_cifar_file(tmp_path, path):
-    from helpers import write_cifar_binary
+    from dfkd.data import write_cifar_binary
 
     from dfkd.trainer import Trainer
 
