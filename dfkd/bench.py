@@ -33,7 +33,7 @@ PLAIN_ALGORITHM = {
     "method.reuse_samples": False, "train.student_ema": 0.0, "method.replay_size": 0,
     "method.generator_ema": 0.0, "method.student_shift": 0, "method.student_flip": False,
 }  # fmt: skip
-# Each fast path alone, on top of dfkd without any (CUDA-only ones are skipped on the CPU).
+# Each fast path alone, on top of dfkd without any.
 FAST_PATHS = {
     "channels_last": {"perf.channels_last": True},
     "fused_optimizers": {"perf.fused_optimizers": True},
@@ -200,7 +200,7 @@ def run_bench(cfg: ExperimentConfig, iterations: int, repeats: int, variants: bo
         if variants:
             for name, settings in FAST_PATHS.items():
                 variant_cfg = with_settings(base_cfg, settings)
-                if variant_cfg.perf == plain_cfg.perf or (settings.get("perf.autocast") and configured.device.type != "cuda"):
+                if variant_cfg.perf == plain_cfg.perf:
                     continue
                 contenders[f"dfkd + {name}"] = stepper(_trainer(variant_cfg, root, data))
             reuse = _trainer(with_settings(plain_cfg, {"method.reuse_samples": True}), root, data)

@@ -187,7 +187,8 @@ class Trainer:
             with phase("student forward"):
                 student_logits = self.student(x)
             with phase("losses"):
-                losses = self.method.generator_losses(student_logits, teacher_logits, **taps)
+                # (losses in float32 whatever the forward's precision: perf.autocast)
+                losses = self.method.generator_losses(student_logits.float(), teacher_logits.float(), **taps)
         with phase("optimizer"):
             self.opt_g.zero_grad(set_to_none=True)
         with phase("backward (generator step)"):
@@ -195,7 +196,7 @@ class Trainer:
         with phase("optimizer"):
             self._clip(self.generator.parameters(), self.cfg.generator_optim)
             self.opt_g.step()
-        return losses, (x.detach(), teacher_logits.detach())
+        return losses, (x.detach().float(), teacher_logits.detach().float())
 
     def autocast(self):
         return autocast(self.cfg.perf, self.device)
@@ -221,7 +222,7 @@ class Trainer:
             with self.phases("generator forward"):
                 x = (generator or self.generator)(self.sample_latent(n))
             with self.phases("teacher forward"):
-                return x, self.teacher(x)
+                return x.float(), self.teacher(x).float()
 
     @property
     def layer_pairs(self) -> list[list[str]]:
@@ -323,7 +324,7 @@ class Trainer:
                         d_losses = self.discriminator_step(real, fake.detach())
                     d_fake = self.discriminator(fake)
             with phase("losses"):
-                losses = self.method.student_losses(logits, teacher_logits, feature_pairs, d_fake)
+                losses = self.method.student_losses(logits.float(), teacher_logits.float(), feature_pairs, d_fake)
         with phase("optimizer"):
             self.opt_s.zero_grad(set_to_none=True)
         with phase("backward (student step)"):

@@ -18,6 +18,11 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class DFADGenerator(nn.Module):
     def __init__(self, latent_dim: int = 100, width: int = 64, channels: int = 1, image_size: int = 32):
         super().__init__()
@@ -33,6 +38,9 @@ class DFADGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.bn0(self.fc(z).view(z.shape[0], -1, self.init_size, self.init_size))
+        # In the convolutions' own layout from here on (NHWC under perf.channels_last): the small
+        # 8×8 map is converted once instead of each upsampled map before every convolution.
+        x = x.contiguous(memory_format=memory_format_of(self.block1[0].weight))
         x = self.block1(upsample2x(x))
         x = self.block2(upsample2x(x))
         return self.head(x)

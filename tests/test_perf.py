@@ -52,9 +52,15 @@ def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(tiny, tmp_path, mo
     assert calls == []
 
 
-def test_bf16_autocast_is_refused_off_cuda(tiny, tmp_path):
-    with pytest.raises(DfkdError, match="perf.autocast=bf16 runs on CUDA only"):
-        Trainer(tiny(perf={"autocast": "bf16"}), tmp_path, progress=False)
+def test_bf16_autocast_runs_the_forward_passes_in_bf16_and_the_losses_in_float32(tiny, tmp_path):
+    trainer = Trainer(tiny(perf={"autocast": "bf16"}), tmp_path, progress=False)
+    seen = []
+    trainer.student.classifier[-1].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    metrics = trainer.iteration()
+    assert set(seen) == {torch.bfloat16}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in metrics.values())
+    x, logits = trainer.synthesize()
+    assert x.dtype == logits.dtype == torch.float32  # what replay memory and sample grids keep
 
 
 def test_fast_paths_are_applied_and_compute_the_same_first_step(tiny, tmp_path):
