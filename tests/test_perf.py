@@ -1,6 +1,7 @@
 """Fast paths (config `perf`), the inner loop's freedom from host syncs, and `dfkd bench`."""
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -132,3 +133,15 @@ def test_bench_every_fast_path_and_time_to_accuracy(capsys):
     text = capsys.readouterr().out
     for row in ("dfkd + fused_optimizers", "dfkd + compile", "dfkd + sample reuse", "dfkd recipe, no sample reuse", "to 0.95"):
         assert row in text, row
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_on_the_cpu(tmp_path):
+    """No GPU here: a smoke test of runs/gpu_check.py with the CIFAR-size ResNets on stand-in data."""
+    script = Path(__file__).parents[1] / "runs" / "gpu_check.py"
+    cmd = [sys.executable, str(script), "--device", "cpu", "--records", "16", "--batch-size", "4", "--iterations", "1",
+           "--repeats", "1", "--no-variants"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resnet34 -> resnet18" in done.stdout
+    assert re.fullmatch(r"speedup: \d+\.\d\d", done.stdout.strip().splitlines()[-1])
