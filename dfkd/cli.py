@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and on its last line `speedup: X` for dfkd as the config sets its perf section.", epilog=EPILOG)  # fmt: skip
     bench.add_argument("config", type=Path, nargs="?", help="experiment YAML (default: the demo's)")
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. perf.channels_last=true")
-    bench.add_argument("--iterations", dest="timed_iterations", type=int, default=10, help="iterations per timing (default 10)")
+    bench.add_argument("--iterations", dest="timed_iterations", metavar="N", type=int, default=10, help="iterations per timing (default 10)")
     bench.add_argument("--repeats", type=int, default=3, help="timings per contender, taken in turns (default 3)")
     bench.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
                        help="also time each fast path alone and sample reuse (default: on)")  # fmt: skip
