@@ -208,7 +208,7 @@ def run_bench(cfg: ExperimentConfig, iterations: int, repeats: int, variants: bo
             reuse = _trainer(with_settings(plain_cfg, {"method.reuse_samples": True}), root, data)
             contenders["dfkd + sample reuse (not the same algorithm)"] = stepper(reuse)
         contenders["dfkd as configured"] = stepper(configured)
-        rates = images_per_s(contenders, iterations, repeats, t.batch_size * m.n_student_steps, configured.device)
+        rates = images_per_s(contenders, iterations, repeats, configured.images_per_iteration, configured.device)
         reference = rates["plain loop (reference)"]
         width = max(map(len, rates)) + 2
         out(f"{'contender':<{width}}{'images/s':>10}{'vs plain':>10}")

@@ -6,21 +6,22 @@ from dfkd.errors import DfkdError
 from generators.registry import GENERATORS
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last only for a tensor stored NHWC and not also NCHW (one channel, or 1×1 maps, are both)."""
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour 2× upsampling, equal to F.interpolate(x, scale_factor=2) but, as a
     broadcast and reshape, measured 8× faster forward on this project's CPU (torch 2.14).
     Keeps the memory layout: a channels_last input is repeated in its NHWC view (one copy),
     rather than copied to NCHW and back (perf.channels_last)."""
     n, c, h, w = x.shape
-    if c > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if memory_format_of(x) is torch.channels_last:
         nhwc = x.permute(0, 2, 3, 1)
         return nhwc[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
     return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
-
-
-def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class DFADGenerator(nn.Module):
