@@ -27,3 +27,14 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
     flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_mixup(x: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Blend a random `fraction` of the images each with another image of the batch, at a mixing
+    weight drawn uniformly from [0, 1) per image; the rest pass unchanged."""
+    n = x.shape[0]
+    partner = torch.randint(n, (n,), generator=generator).to(x.device)
+    weight = torch.rand(n, generator=generator).to(x.device, x.dtype)
+    chosen = (torch.rand(n, generator=generator) < fraction).to(x.device)
+    weight = torch.where(chosen, weight, torch.ones_like(weight))[:, None, None, None]
+    return weight * x + (1 - weight) * x[partner]

@@ -89,9 +89,16 @@ class MethodConfig:
     # (decay `generator_ema`; 0 disables it) supplies `generator_ema_mix` of every student batch.
     generator_ema: float = 0.0
     generator_ema_mix: float = 0.5
+    # Re-initialize the generator (weights and optimizer state) every this many iterations: each
+    # fresh generator finds other hard regions, while the replay memory keeps what the earlier
+    # ones showed. 0 never restarts it.
+    generator_restart_every: int = 0
     # Likewise, mirror each synthetic image left-right with probability 1/2 (for data whose
     # classes are mirror-symmetric, such as clothes; not digits).
     student_flip: bool = False
+    # Likewise, blend this fraction of the images each with another synthetic image (mixup, weight
+    # uniform in [0, 1)); the teacher labels the blend, so the student also learns between samples.
+    student_mixup: float = 0.0
     # Feature-based term for the student: pairs [student layer, teacher layer] named by module path
     # (`dfkd layers ARCH` prints them), compared with `feature_loss`, weighted by `feature_weight`.
     features: list[list[str]] = field(default_factory=list)
@@ -224,7 +231,7 @@ class ExperimentConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise DfkdError(f"{key} must be positive, got {value}")
-        for key in ("replay_size", "student_shift"):
+        for key in ("replay_size", "student_shift", "generator_restart_every"):
             if getattr(self.method, key) < 0:
                 raise DfkdError(f"method.{key} must be 0 (off) or positive, got {getattr(self.method, key)}")
         if self.train.max_rollbacks < 0:
@@ -232,6 +239,8 @@ class ExperimentConfig:
         for key in ("rollback_lr_factor", "collapse_threshold"):
             if not 0.0 < getattr(self.train, key) <= 1.0:
                 raise DfkdError(f"train.{key} must be in (0, 1], got {getattr(self.train, key)}")
+        if not 0.0 <= self.method.student_mixup <= 1.0:
+            raise DfkdError(f"method.student_mixup must be in [0, 1] (0 disables it), got {self.method.student_mixup}")
         if not 0.0 <= self.method.generator_ema < 1.0:
             raise DfkdError(f"method.generator_ema must be in [0, 1), got {self.method.generator_ema}")
         if not 0.0 < self.method.generator_ema_mix < 1.0:

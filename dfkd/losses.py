@@ -16,9 +16,9 @@ LOSSES: Registry = Registry("loss")
 # Generator priors: `(teacher_logits, **taps) -> scalar` to minimize, weighted in method.priors.
 # Taps are what the trainer reads from inside the teacher, only for the priors that need them
 # (PRIOR_TAPS): `bn_inputs`, (input, running_mean, running_var) per BatchNorm layer, and
-# `activation`, the output of the layer method.activation_layer.
+# `activation`, the output of the layer method.activation_layer, and `images`, the synthetic batch.
 PRIORS: Registry = Registry("generator prior")
-PRIOR_TAPS = {"bn": "bn_inputs", "activation": "activation"}
+PRIOR_TAPS = {"bn": "bn_inputs", "activation": "activation", "tv": "images"}
 
 
 @LOSSES.register("l1")
@@ -83,6 +83,13 @@ def activation_norm(teacher: torch.Tensor, activation: torch.Tensor | None = Non
     """DAFL's activation loss: minus the mean absolute activation of a teacher layer (the
     penultimate one in the paper): samples that excite the teacher's features strongly."""
     return -activation.abs().mean()
+
+
+@PRIORS.register("tv")
+def total_variation(teacher: torch.Tensor, images: torch.Tensor | None = None, **taps) -> torch.Tensor:
+    """DeepInversion's image prior: the mean absolute difference between neighbouring pixels
+    (anisotropic total variation): smooth images with flat regions, not high-frequency texture."""
+    return (images.diff(dim=-1).abs().mean() + images.diff(dim=-2).abs().mean()) / 2
 
 
 # Feature terms: `(student_feature, teacher_feature) -> scalar`, for one pair of layers. Terms

@@ -25,7 +25,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from dfkd import distributed
-from dfkd.augment import random_hflip, random_translate
+from dfkd.augment import random_hflip, random_mixup, random_translate
 from dfkd.checkpoint import load_safe, load_weights, save_atomic
 from dfkd.config import ExperimentConfig, OptimizerConfig, config_to_dict
 from dfkd.data import Dataset, load_dataset
@@ -212,6 +212,8 @@ class Trainer:
         taps = {"bn_inputs": [(bn_in[p], m.running_mean, m.running_var) for p, m in bn_layers.items()]} if bn_layers else {}
         if act:
             taps["activation"] = acts[act[0]]
+        if "images" in wanted:
+            taps["images"] = x
         return logits, taps
 
     @torch.no_grad()
@@ -364,16 +366,20 @@ class Trainer:
         if self.ema_batch is not None:  # the averaged generator's share of the batch
             keep = len(batch[0]) - len(self.ema_batch[0])
             batch = tuple(torch.cat([a[:keep], b]) for a, b in zip(batch, self.ema_batch))
-        if m.student_shift or m.student_flip:
+        if m.student_shift or m.student_flip or m.student_mixup:
             with torch.no_grad():
-                x = random_translate(batch[0], m.student_shift, self.latent_rng) if m.student_shift else batch[0]
-                x = random_hflip(x, self.latent_rng) if m.student_flip else x
+                x, rng = batch[0], self.latent_rng
+                x = random_translate(x, m.student_shift, rng) if m.student_shift else x
+                x = random_hflip(x, rng) if m.student_flip else x
+                x = random_mixup(x, m.student_mixup, rng) if m.student_mixup else x
                 batch = (x, self.teacher(x))
         return batch
 
     def iteration(self) -> dict[str, torch.Tensor]:
         m = self.cfg.method
         self.teacher, self.feature_teacher = self.pool.choose(self.step)
+        if m.generator_restart_every and self.step and self.step % m.generator_restart_every == 0:
+            self.restart_generator()
         for _ in range(m.n_generator_steps):
             g, latest = self.generator_step()
         if self.memory is not None:
@@ -395,6 +401,14 @@ class Trainer:
         if d:
             out.update({"train/loss_D": d["loss"], "train/acc_D": d["acc"]})
         return {k: v.detach() for k, v in out.items()}
+
+    def restart_generator(self) -> None:
+        """Fresh generator weights (from the checkpointed global RNG, the same on every process)
+        and fresh optimizer moments; the learning-rate schedule goes on."""
+        for module in self.generator.modules():
+            if module is not self.generator and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self.opt_g.state.clear()
 
     @staticmethod
     def _clip(params, cfg: OptimizerConfig) -> None:

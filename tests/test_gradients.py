@@ -51,7 +51,7 @@ def test_student_step_updates_only_the_student(tiny, tmp_path):
 
 
 def test_full_iteration_routes_each_loss_to_its_player(tiny, tmp_path):
-    for method in ({"reuse_samples": False}, {"reuse_samples": True}, {"replay_size": 64, "student_shift": 2, "student_flip": True},
+    for method in ({"reuse_samples": False}, {"reuse_samples": True}, {"replay_size": 64, "student_shift": 2, "student_flip": True, "student_mixup": 0.5},
                    {"generator_ema": 0.5, "generator_ema_mix": 0.25}):  # fmt: skip
         trainer = Trainer(tiny(method=method), tmp_path, progress=False)
         out = trainer.iteration()
@@ -72,3 +72,24 @@ def test_the_averaged_generator_supplies_its_share_of_each_student_batch(tiny, t
     x, t = trainer.student_batch(latest)
     assert len(x) == 16 and torch.equal(x[:12], latest[0][:12]) and torch.equal(x[12:], trainer.ema_batch[0])
     assert torch.equal(t[12:], trainer.ema_batch[1])
+
+
+def test_generator_restart_draws_fresh_weights_and_forgets_the_optimizer_moments(tiny, tmp_path):
+    from dfkd.trainer import Trainer
+
+    trainer = Trainer(tiny(method={"generator_restart_every": 2}), tmp_path, progress=False)
+    trainer.iteration()
+    before = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
+    assert trainer.opt_g.state
+    trainer.restart_generator()
+    after = trainer.generator.state_dict()
+    assert not trainer.opt_g.state
+    weights = [k for k, v in before.items() if v.is_floating_point() and "running" not in k]
+    assert weights and all(not torch.equal(before[k], after[k]) for k in weights)
+    assert torch.equal(after["bn0.running_mean"], torch.zeros_like(after["bn0.running_mean"]))
+    calls = []
+    trainer.restart_generator = lambda: calls.append(trainer.step)
+    for step in range(5):
+        trainer.step = step
+        trainer.iteration()
+    assert calls == [2, 4]

@@ -125,3 +125,18 @@ def test_activation_prior_golden_value_and_run(tiny, tmp_path):
     assert losses["prior_activation"] < 0
     with pytest.raises(DfkdError, match="set method.activation_layer"):
         Trainer(tiny(method={"priors": {"activation": 0.1}}), tmp_path, progress=False)
+
+
+def test_total_variation_prior_golden_value_and_run(tiny, tmp_path):
+    from dfkd.losses import PRIORS
+    from dfkd.trainer import Trainer
+
+    image = [[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]  # horizontal steps 1, 2, 0, 0; vertical 2, 1, 1
+    x = torch.tensor([[image]], dtype=torch.double, requires_grad=True)
+    got = PRIORS.get("tv")(torch.zeros(1, 3), images=x)
+    assert got.item() == pytest.approx(((1 + 2 + 0 + 0) / 4 + (2 + 1 + 1) / 3) / 2)
+    assert torch.autograd.gradcheck(lambda a: PRIORS.get("tv")(a.new_zeros(1, 1), images=a), (x + 0.1 * torch.arange(6.0).view(1, 1, 2, 3),))
+    trainer = Trainer(tiny(method={"priors": {"tv": 1.0}}), tmp_path, progress=False)
+    losses, _ = trainer.generator_step()
+    assert losses["prior_tv"] > 0
+    assert all(p.grad is not None for p in trainer.generator.parameters())

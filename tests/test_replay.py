@@ -44,3 +44,16 @@ def test_random_hflip_mirrors_about_half_the_images():
     mirrored = torch.tensor([torch.equal(o, i.flip(2)) for o, i in zip(out, x)])
     kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
     assert bool((mirrored | kept).all()) and 70 < int(mirrored.sum()) < 130
+
+
+def test_random_mixup_blends_the_chosen_fraction_with_partners_from_the_batch():
+    from dfkd.augment import random_mixup
+
+    n = 400
+    x = torch.arange(n, dtype=torch.float).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()  # image i is all i
+    out = random_mixup(x, 0.25, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and bool((out == out[:, :, :1, :1]).all()), "one weight per image"
+    changed = (out != x).flatten(1).any(1)
+    assert 70 < int(changed.sum()) < 130  # about a quarter (a partner may be the image itself)
+    assert bool((out >= 0).all() and (out <= n - 1).all()), "convex blends of two images of the batch"
+    assert torch.equal(random_mixup(x, 0.0, torch.Generator().manual_seed(0)), x)

@@ -1,0 +1,76 @@
+"""The presets at an equal wall-clock budget, several seeds each: the table in runs/RESULTS.md.
+
+For each dataset and preset a short calibration run measures the seconds one iteration takes on
+this machine; the preset then runs budget / (seconds per iteration) iterations (its schedules fit
+to that count) once per seed, and the script prints a markdown table with the command that
+reproduces each row. Finished runs in --out are read back, not re-run, so an interrupted table
+continues where it stopped.
+
+    python runs/preset_table.py --budget 120 --seeds 0 1 perf.autocast=bf16 perf.channels_last=true
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from dfkd.cli import main as dfkd
+
+RUNS = Path(__file__).parent
+PRESETS = {  # dataset -> (preset name, experiment file); "best" is the project's own recipe
+    "mnist5k": [("DFAD", "mnist5k_dfad"), ("ZSKT", "mnist5k_zskt"), ("DAFL", "mnist5k_dafl"),
+                ("DFQ", "mnist5k_dfq"), ("best (dfkd demo)", "mnist5k_demo")],
+    "fmnist": [("DFAD", "fmnist_dfad"), ("ZSKT", "fmnist_zskt"), ("DAFL", "fmnist_dafl"),
+               ("DFQ", "fmnist_dfq"), ("best", "fmnist_lenet5")],
+}  # fmt: skip
+CALIBRATION_ITERATIONS = 20
+
+
+def run(config: Path, out: Path, iterations: int, seed: int, overrides: list[str]) -> dict:
+    """One run (or the summary of the finished one already in `out`)."""
+    summary = out / "summary.json"
+    if not summary.exists():
+        evals = f"train.eval_every={max(1, iterations // 4)}"
+        argv = ["run", str(config), *overrides, evals, f"--iterations={iterations}", f"--seed={seed}",
+                f"--out={out}", "--overwrite", "--no-progress"]  # fmt: skip
+        if dfkd(argv) != 0:
+            raise SystemExit(f"preset_table: the run in {out} failed; see its output above")
+    return json.loads(summary.read_text())
+
+
+def row(name: str, config: str, iterations: int, overrides: list[str], runs: list[dict]) -> str:
+    accs = [r["student_acc"] for r in runs]
+    ratios = [r["student_acc"] / r["teacher_acc"] for r in runs]
+    spread = f"{min(accs):.2f}–{max(accs):.2f}" if len(accs) > 1 else "one seed"
+    wall = statistics.mean(r["wall_s"] for r in runs)
+    command = " ".join(["dfkd run", config, *overrides, f"--iterations {iterations}", "--seed S"])
+    return (f"| {name} | {runs[0]['teacher_acc']:.2f} | {statistics.mean(accs):.2f} ({spread}) | "
+            f"{statistics.mean(ratios):.3f} | {iterations} | {wall:.0f} s | `{command}` |")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run, e.g. perf.autocast=bf16")
+    p.add_argument("--budget", type=float, default=120.0, metavar="SECONDS", help="distilling wall time per run (default 120)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S")
+    p.add_argument("--datasets", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
+    p.add_argument("--out", type=Path, default=Path("outputs/preset_table"), help="folder for the runs (default outputs/preset_table)")
+    args = p.parse_args(argv)
+    for dataset in args.datasets:
+        print(f"\n{dataset}, budget {args.budget:.0f} s per run, seeds {args.seeds}\n", flush=True)
+        lines = ["| preset | teacher | student mean (min–max) | ratio | iterations | wall | command |", "|---|---|---|---|---|---|---|"]
+        for name, stem in PRESETS[dataset]:
+            config = RUNS / f"{stem}.yaml"
+            calibration = run(config, args.out / f"{stem}_calibration", CALIBRATION_ITERATIONS, 0, args.overrides)
+            iterations = max(1, int(args.budget * CALIBRATION_ITERATIONS / calibration["wall_s"]))
+            runs = [run(config, args.out / f"{stem}_s{s}", iterations, s, args.overrides) for s in args.seeds]
+            lines.append(row(name, f"runs/{stem}.yaml", iterations, args.overrides, runs))
+            print(lines[-1], flush=True)
+        print("\n" + "\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
