@@ -25,8 +25,7 @@ from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
 from dfkd.losses import LOSSES
 from dfkd.models import build_classifier
-from dfkd.trainer import Trainer, build_optimizer, build_schedule
-from generators import build_generator
+from dfkd.trainer import Trainer, build_optimizer, build_schedule, generator_from_config
 
 # What makes dfkd's trainer run exactly the plain loop's algorithm.
 PLAIN_ALGORITHM = {
@@ -65,7 +64,7 @@ class PlainLoop:
         size, g = cfg.data.image_size, cfg.generator
         torch.manual_seed(cfg.train.seed)
         self.student = build_classifier(cfg.student.arch, info.channels, info.num_classes, size).to(device)
-        self.generator = build_generator(g.name, g.latent_dim, g.width, info.channels, size).to(device)
+        self.generator = generator_from_config(g, info, size).to(device)
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(True)
         self.opt_s = build_optimizer(self.student.parameters(), cfg.student_optim)
         self.opt_g = build_optimizer(self.generator.parameters(), cfg.generator_optim)

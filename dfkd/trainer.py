@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from dfkd import distributed
 from dfkd.augment import random_hflip, random_mixup, random_translate
 from dfkd.checkpoint import load_safe, load_weights, save_atomic
-from dfkd.config import ExperimentConfig, OptimizerConfig, config_to_dict
-from dfkd.data import Dataset, load_dataset
+from dfkd.config import ExperimentConfig, GeneratorConfig, OptimizerConfig, config_to_dict
+from dfkd.data import Dataset, DatasetInfo, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, agreement, predictions
 from dfkd.features import Adapter, capture, find_layers, layer_shapes
@@ -55,6 +55,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and distributed.world_size() > 1:
         return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
+
+
+def generator_from_config(cfg: GeneratorConfig, info: DatasetInfo, image_size: int) -> nn.Module:
+    return build_generator(cfg.name, cfg.latent_dim, cfg.width, info.channels, image_size, cfg.output, info.mean, info.std)
 
 
 def build_optimizer(params, cfg: OptimizerConfig, fused: bool = False) -> torch.optim.Optimizer:
@@ -130,9 +134,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         info = self.dataset.info
         self.student = build_classifier(cfg.student.arch, info.channels, info.num_classes, cfg.data.image_size).to(self.device)
-        self.generator = build_generator(
-            cfg.generator.name, cfg.generator.latent_dim, cfg.generator.width, info.channels, cfg.data.image_size
-        ).to(self.device)
+        self.generator = generator_from_config(cfg.generator, info, cfg.data.image_size).to(self.device)
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if cfg.train.student_ema > 0 else None
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if cfg.method.generator_ema > 0 else None
         self.ema_batch: tuple[torch.Tensor, torch.Tensor] | None = None

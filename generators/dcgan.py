@@ -3,11 +3,11 @@ import torch
 import torch.nn as nn
 
 from dfkd.errors import DfkdError
-from generators.registry import GENERATORS
+from generators.registry import GENERATORS, output_layer
 
 
 class DCGANGenerator(nn.Module):
-    def __init__(self, latent_dim: int = 100, width: int = 64, channels: int = 1, image_size: int = 32):
+    def __init__(self, latent_dim: int = 100, width: int = 64, channels: int = 1, image_size: int = 32, pixel_stats=None):
         super().__init__()
         n_up = 0
         while 4 * 2**n_up < image_size:
@@ -20,7 +20,7 @@ class DCGANGenerator(nn.Module):
         for _ in range(n_up - 1):
             layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(True)]
             c //= 2
-        layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1, bias=False), nn.Tanh(), nn.BatchNorm2d(channels, affine=False)]
+        layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1, bias=False), nn.Tanh(), output_layer(channels, pixel_stats)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from dfkd.errors import DfkdError
-from generators.registry import GENERATORS
+from generators.registry import GENERATORS, output_layer
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
@@ -25,7 +25,7 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
 
 
 class DFADGenerator(nn.Module):
-    def __init__(self, latent_dim: int = 100, width: int = 64, channels: int = 1, image_size: int = 32):
+    def __init__(self, latent_dim: int = 100, width: int = 64, channels: int = 1, image_size: int = 32, pixel_stats=None):
         super().__init__()
         if image_size % 4:
             raise DfkdError(f"the dfad generator needs data.image_size divisible by 4, got {image_size}")
@@ -34,8 +34,9 @@ class DFADGenerator(nn.Module):
         self.bn0 = nn.BatchNorm2d(2 * width)
         self.block1 = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 1, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True))
         self.block2 = nn.Sequential(nn.Conv2d(2 * width, width, 3, 1, 1), nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True))
-        # tanh then a non-affine BN: outputs are standardized per channel, like normalized real images.
-        self.head = nn.Sequential(nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
+        # tanh, then a non-affine BN (outputs standardized per channel, like normalized real images)
+        # or the valid pixel range in normalized space (generator.output: pixels).
+        self.head = nn.Sequential(nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh(), output_layer(channels, pixel_stats))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.bn0(self.fc(z).view(z.shape[0], -1, self.init_size, self.init_size))

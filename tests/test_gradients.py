@@ -93,3 +93,12 @@ def test_generator_restart_draws_fresh_weights_and_forgets_the_optimizer_moments
         trainer.step = step
         trainer.iteration()
     assert calls == [2, 4]
+
+
+def test_pixel_output_generator_draws_images_in_the_datasets_pixel_range(tiny, tmp_path):
+    trainer = Trainer(tiny(generator={"output": "pixels"}), tmp_path, progress=False)
+    _, (x, _) = trainer.generator_step()
+    info = trainer.dataset.info
+    pixels = x * info.std[0] + info.mean[0]
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    assert all(p.grad is not None for p in trainer.generator.parameters())

@@ -48,6 +48,24 @@ def test_every_generator_runs_forward_and_backward(name, channels, size):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
 
 
+@pytest.mark.parametrize("name", GENERATORS.names())
+def test_pixel_output_stays_in_the_valid_pixel_range_of_each_channel(name):
+    from generators.registry import PixelsToNormalized
+
+    torch.manual_seed(0)
+    mean, std = (0.5, 0.2, 0.1), (0.25, 0.5, 0.3)
+    gen = build_generator(name, 10, 8, 3, 32, "pixels", mean, std)
+    x = gen(torch.randn(6, 10) * 50)  # large latents saturate the tanh
+    pixels = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6 and pixels.min() < 0.1 and pixels.max() > 0.9
+    assert torch.allclose(PixelsToNormalized(mean, std)(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)).flatten(),
+                          torch.tensor([(0 - 0.5) / 0.25, (0.5 - 0.2) / 0.5, (1 - 0.1) / 0.3]))  # fmt: skip
+    x.pow(3).mean().backward()
+    assert all(p.grad is not None for p in gen.parameters())
+    with pytest.raises(DfkdError, match="generator.output must be one of standardized, pixels; got .rgb."):
+        build_generator(name, 10, 8, 3, 32, "rgb")
+
+
 def test_fast_upsample_equals_nearest_interpolation():
     from generators.dfad import upsample2x
 
