@@ -88,3 +88,22 @@ def test_gankd_student_reaches_95_percent_of_teacher(tmp_path):
     print(json.dumps(summary))
     assert summary["teacher_acc"] > 95
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
+
+
+def test_preset_table_reads_finished_runs_back_and_prints_each_row(tmp_path, capsys, monkeypatch):
+    """The driver behind runs/RESULTS.md's preset table, on finished runs it must not repeat."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "runs"))
+    import preset_table
+
+    for i, (_, stem) in enumerate(preset_table.PRESETS["mnist5k"]):
+        # calibration: 20 iterations took 4 s, so a 60 s budget gives 300 iterations
+        runs = {"calibration": 80.0, "s0": 90.0 + i, "s1": 92.0 + i}
+        for suffix, acc in runs.items():
+            run_dir = tmp_path / f"{stem}_{suffix}"
+            run_dir.mkdir()
+            wall = 4.0 if suffix == "calibration" else 60.0
+            (run_dir / "summary.json").write_text(json.dumps({"teacher_acc": 97.0, "student_acc": acc, "wall_s": wall}))
+    assert preset_table.main(["--datasets", "mnist5k", "--budget", "60", "--out", str(tmp_path), "perf.autocast=bf16"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| DFAD")]
+    expected = "| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | `dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 --iterations 300 --seed S` |"
+    assert rows[0] == expected and len(rows) == 2  # printed as it comes, then in the whole table
