@@ -93,10 +93,6 @@ class MethodConfig:
     # (decay `generator_ema`; 0 disables it) supplies `generator_ema_mix` of every student batch.
     generator_ema: float = 0.0
     generator_ema_mix: float = 0.5
-    # Re-initialize the generator (weights and optimizer state) every this many iterations: each
-    # fresh generator finds other hard regions, while the replay memory keeps what the earlier
-    # ones showed. 0 never restarts it.
-    generator_restart_every: int = 0
     # Likewise, mirror each synthetic image left-right with probability 1/2 (for data whose
     # classes are mirror-symmetric, such as clothes; not digits).
     student_flip: bool = False
@@ -235,7 +231,7 @@ class ExperimentConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise DfkdError(f"{key} must be positive, got {value}")
-        for key in ("replay_size", "student_shift", "generator_restart_every"):
+        for key in ("replay_size", "student_shift"):
             if getattr(self.method, key) < 0:
                 raise DfkdError(f"method.{key} must be 0 (off) or positive, got {getattr(self.method, key)}")
         if self.train.max_rollbacks < 0:

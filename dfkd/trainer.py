@@ -380,8 +380,6 @@ class Trainer:
     def iteration(self) -> dict[str, torch.Tensor]:
         m = self.cfg.method
         self.teacher, self.feature_teacher = self.pool.choose(self.step)
-        if m.generator_restart_every and self.step and self.step % m.generator_restart_every == 0:
-            self.restart_generator()
         for _ in range(m.n_generator_steps):
             g, latest = self.generator_step()
         if self.memory is not None:
@@ -403,14 +401,6 @@ class Trainer:
         if d:
             out.update({"train/loss_D": d["loss"], "train/acc_D": d["acc"]})
         return {k: v.detach() for k, v in out.items()}
-
-    def restart_generator(self) -> None:
-        """Fresh generator weights (from the checkpointed global RNG, the same on every process)
-        and fresh optimizer moments; the learning-rate schedule goes on."""
-        for module in self.generator.modules():
-            if module is not self.generator and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        self.opt_g.state.clear()
 
     @staticmethod
     def _clip(params, cfg: OptimizerConfig) -> None:

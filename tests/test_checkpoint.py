@@ -72,8 +72,7 @@ def test_classifier_round_trip(tmp_path):
     assert torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.parametrize("method", [{"reuse_samples": True}, {"replay_size": 40}, {"generator_ema": 0.9},
-                                    {"replay_size": 40, "generator_restart_every": 2}])
+@pytest.mark.parametrize("method", [{"reuse_samples": True}, {"replay_size": 40}, {"generator_ema": 0.9}])
 def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, method):
     cfg = tiny(method=method, train={"student_ema": 0.9, "iterations": 6, "checkpoint_every": 3})
     full = Trainer(cfg, tmp_path / "full", progress=False)

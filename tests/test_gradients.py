@@ -74,27 +74,6 @@ def test_the_averaged_generator_supplies_its_share_of_each_student_batch(tiny, t
     assert torch.equal(t[12:], trainer.ema_batch[1])
 
 
-def test_generator_restart_draws_fresh_weights_and_forgets_the_optimizer_moments(tiny, tmp_path):
-    from dfkd.trainer import Trainer
-
-    trainer = Trainer(tiny(method={"generator_restart_every": 2}), tmp_path, progress=False)
-    trainer.iteration()
-    before = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
-    assert trainer.opt_g.state
-    trainer.restart_generator()
-    after = trainer.generator.state_dict()
-    assert not trainer.opt_g.state
-    weights = [k for k, v in before.items() if v.is_floating_point() and "running" not in k]
-    assert weights and all(not torch.equal(before[k], after[k]) for k in weights)
-    assert torch.equal(after["bn0.running_mean"], torch.zeros_like(after["bn0.running_mean"]))
-    calls = []
-    trainer.restart_generator = lambda: calls.append(trainer.step)
-    for step in range(5):
-        trainer.step = step
-        trainer.iteration()
-    assert calls == [2, 4]
-
-
 def test_pixel_output_generator_draws_images_in_the_datasets_pixel_range(tiny, tmp_path):
     trainer = Trainer(tiny(generator={"output": "pixels"}), tmp_path, progress=False)
     _, (x, _) = trainer.generator_step()
