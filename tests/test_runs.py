@@ -68,9 +68,9 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-# runs/fmnist_lenet5.yaml measured 0.786-0.820 of the teacher (runs/RESULTS.md); the goal is 0.90,
-# not reached yet. This guards the measured level against regressions.
-FMNIST_MIN_RATIO = 0.78
+# runs/fmnist_lenet5.yaml measured 0.847 of the teacher in float32 and 0.853 in bf16 (runs/RESULTS.md);
+# the goal is 0.90, not reached yet. This guards the measured level against regressions.
+FMNIST_MIN_RATIO = 0.83
 
 
 @pytest.mark.slow
