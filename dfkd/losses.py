@@ -15,8 +15,8 @@ from dfkd.registry import Registry
 LOSSES: Registry = Registry("loss")
 # Generator priors: `(teacher_logits, **taps) -> scalar` to minimize, weighted in method.priors.
 # Taps are what the trainer reads from inside the teacher, only for the priors that need them
-# (PRIOR_TAPS): `bn_inputs`, (input, running_mean, running_var) per BatchNorm layer, and
-# `activation`, the output of the layer method.activation_layer, and `images`, the synthetic batch.
+# (PRIOR_TAPS): `bn_inputs`, (input, running_mean, running_var) per BatchNorm layer;
+# `activation`, the output of the layer method.activation_layer; `images`, the synthetic batch.
 PRIORS: Registry = Registry("generator prior")
 PRIOR_TAPS = {"bn": "bn_inputs", "activation": "activation", "tv": "images"}
 

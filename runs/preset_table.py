@@ -28,13 +28,17 @@ PRESETS = {  # dataset -> (preset name, experiment file); "best" is the project'
 CALIBRATION_ITERATIONS = 20
 
 
+def settings(overrides: list[str], iterations: int) -> list[str]:
+    """Every run's overrides, and four evaluations per run."""
+    return [*overrides, f"train.eval_every={max(1, iterations // 4)}", f"--iterations={iterations}"]
+
+
 def run(config: Path, out: Path, iterations: int, seed: int, overrides: list[str]) -> dict:
     """One run (or the summary of the finished one already in `out`)."""
     summary = out / "summary.json"
     if not summary.exists():
-        evals = f"train.eval_every={max(1, iterations // 4)}"
-        argv = ["run", str(config), *overrides, evals, f"--iterations={iterations}", f"--seed={seed}",
-                f"--out={out}", "--overwrite", "--no-progress"]  # fmt: skip
+        argv = ["run", str(config), *settings(overrides, iterations), f"--seed={seed}", f"--out={out}",
+                "--overwrite", "--no-progress"]  # fmt: skip
         if dfkd(argv) != 0:
             raise SystemExit(f"preset_table: the run in {out} failed; see its output above")
     return json.loads(summary.read_text())
@@ -45,7 +49,7 @@ def row(name: str, config: str, iterations: int, overrides: list[str], runs: lis
     ratios = [r["student_acc"] / r["teacher_acc"] for r in runs]
     spread = f"{min(accs):.2f}–{max(accs):.2f}" if len(accs) > 1 else "one seed"
     wall = statistics.mean(r["wall_s"] for r in runs)
-    command = " ".join(["dfkd run", config, *overrides, f"--iterations {iterations}", "--seed S"])
+    command = " ".join(["dfkd run", config, *settings(overrides, iterations), "--seed=S"])
     return (f"| {name} | {runs[0]['teacher_acc']:.2f} | {statistics.mean(accs):.2f} ({spread}) | "
             f"{statistics.mean(ratios):.3f} | {iterations} | {wall:.0f} s | `{command}` |")  # fmt: skip
 

@@ -105,5 +105,5 @@ def test_preset_table_reads_finished_runs_back_and_prints_each_row(tmp_path, cap
             (run_dir / "summary.json").write_text(json.dumps({"teacher_acc": 97.0, "student_acc": acc, "wall_s": wall}))
     assert preset_table.main(["--datasets", "mnist5k", "--budget", "60", "--out", str(tmp_path), "perf.autocast=bf16"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| DFAD")]
-    expected = "| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | `dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 --iterations 300 --seed S` |"
+    expected = "| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | `dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 train.eval_every=75 --iterations=300 --seed=S` |"
     assert rows[0] == expected and len(rows) == 2  # printed as it comes, then in the whole table
