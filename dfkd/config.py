@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from dfkd.errors import DfkdError
+from generators.registry import OUTPUTS as GENERATOR_OUTPUTS
 
 
 @dataclass
@@ -251,7 +252,7 @@ class ExperimentConfig:
         choices = {
             "train.device": (self.train.device, ("cpu", "cuda", "auto")),
             "perf.autocast": (self.perf.autocast, ("none", "bf16")),
-            "generator.output": (self.generator.output, ("standardized", "pixels")),
+            "generator.output": (self.generator.output, GENERATOR_OUTPUTS),
             "tracking.mode": (self.tracking.mode, ("online", "offline", "disabled")),
             "student_optim.name": (self.student_optim.name, ("adam", "sgd")),
             "generator_optim.name": (self.generator_optim.name, ("adam", "sgd")),
