@@ -68,9 +68,11 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-# runs/fmnist_lenet5.yaml measured 0.847 of the teacher in float32 and 0.853 in bf16 (runs/RESULTS.md);
-# the goal is 0.90, not reached yet. This guards the measured level against regressions.
-FMNIST_MIN_RATIO = 0.83
+# runs/fmnist_lenet5.yaml measured 0.910 of the teacher (one thread, sharing the cores) and 0.908
+# alone (runs/RESULTS.md); the goal is 0.90. The figure moves by a point or two with the
+# teacher's own training run (thread count, machine), so the guard sits below the goal: it catches
+# regressions of the recipe (without the BatchNorm prior it reads about 0.78-0.82).
+FMNIST_MIN_RATIO = 0.88
 
 
 @pytest.mark.slow
