@@ -68,12 +68,12 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-# runs/fmnist_lenet5.yaml measured 0.910 and 0.908 of the teacher with one cached teacher and 0.881
-# with another, trained fresh by this test in CI (runs/RESULTS.md); the goal is 0.90. The
-# figure moves by a few points with the teacher's own training run (thread count, machine), so the
-# guard sits below: it catches regressions of the recipe (without the BatchNorm prior it reads
-# about 0.78-0.82).
-FMNIST_MIN_RATIO = 0.86
+# runs/fmnist_lenet5.yaml (40 student steps) measured 0.917 and 0.912 of the teacher with two
+# differently trained teachers, the second the one this test trains in CI (runs/RESULTS.md); the
+# issue's goal is 0.90. The figure moves by a few points with the teacher's own training run (20
+# student steps read 0.908 and 0.881 with the same two), so the guard sits one point below the goal;
+# it catches regressions of the recipe (20 steps with one of the teachers, or no BatchNorm prior).
+FMNIST_MIN_RATIO = 0.89
 
 
 @pytest.mark.slow
