@@ -110,3 +110,19 @@ def test_preset_table_reads_finished_runs_back_and_prints_each_row(tmp_path, cap
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| DFAD")]
     expected = "| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | `dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 train.eval_every=75 --iterations=300 --seed=S` |"
     assert rows[0] == expected and len(rows) == 2  # printed as it comes, then in the whole table
+
+
+# runs/mnist5k_multiteacher.yaml (600 iterations) measured 0.956, 0.959 and 0.949 of the best
+# single teacher over seeds 0-2 (runs/RESULTS.md); the goal is 0.95 on average. Single
+# seeds move by about a point and the CI trains its own three teachers, so the guard sits two
+# points under the goal: it catches a pool that lost its weighting (`mean` read 0.882, `random`
+# 0.277, 2 : 1 : 1 0.885 at seed 2) or a student that no longer learns from it.
+POOL_MIN_RATIO = 0.93
+
+
+@pytest.mark.slow
+def test_teacher_pool_keeps_its_measured_level(tmp_path):
+    summary = run_cli(tmp_path, "run", str(Path(__file__).parent.parent / "runs" / "mnist5k_multiteacher.yaml"))
+    print(json.dumps(summary))
+    assert len(summary["teacher_accs"]) == 3 and summary["teacher_acc"] == max(summary["teacher_accs"])
+    assert summary["student_acc"] / summary["teacher_acc"] >= POOL_MIN_RATIO
