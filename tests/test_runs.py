@@ -68,12 +68,12 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-# runs/fmnist_lenet5.yaml (40 student steps) measured 0.917 and 0.912 of the teacher with two
-# differently trained teachers, the second the one this test trains in CI (runs/RESULTS.md); the
-# issue's goal is 0.90. The figure moves by a few points with the teacher's own training run (20
-# student steps read 0.908 and 0.881 with the same two), so the guard sits one point below the goal;
-# it catches regressions of the recipe (20 steps with one of the teachers, or no BatchNorm prior).
-FMNIST_MIN_RATIO = 0.89
+# runs/fmnist_lenet5.yaml (LeNet-5 student, session 8) measured 0.97-0.98 of the teacher over two
+# seeds at its 1,000 iterations, and 0.936-0.963 over three 500-iteration runs (two seeds, two
+# differently trained teachers, the second the one this test trains in CI, which read 2 points
+# lower than the cached one; runs/RESULTS.md). The goal is 0.95; the guard sits one point
+# below it and catches the recipe falling back to the LeNet-5-half student's level (0.91).
+FMNIST_MIN_RATIO = 0.94
 
 
 @pytest.mark.slow
