@@ -4,7 +4,7 @@ For each dataset and preset a short calibration run measures the seconds one ite
 this machine; the preset then runs budget / (seconds per iteration) iterations (its schedules fit
 to that count) once per seed, and the script prints a markdown table with the command that
 reproduces each row. Finished runs in --out are read back, not re-run, so an interrupted table
-continues where it stopped.
+continues where it stopped; a run of another length (another --budget) is run again.
 
     python runs/preset_table.py --budget 120 --seeds 0 1 perf.autocast=bf16 perf.channels_last=true
 """
@@ -21,7 +21,7 @@ from dfkd.cli import main as dfkd
 RUNS = Path(__file__).parent
 PRESETS = {  # dataset -> (preset name, experiment file); "best" is the project's own recipe
     "mnist5k": [("DFAD", "mnist5k_dfad"), ("ZSKT", "mnist5k_zskt"), ("DAFL", "mnist5k_dafl"),
-                ("DFQ", "mnist5k_dfq"), ("best (dfkd demo)", "mnist5k_demo")],
+                ("DFQ", "mnist5k_dfq"), ("dfkd demo", "mnist5k_demo"), ("best", "mnist5k_recipe")],
     "fmnist": [("DFAD", "fmnist_dfad"), ("ZSKT", "fmnist_zskt"), ("DAFL", "fmnist_dafl"),
                ("DFQ", "fmnist_dfq"), ("best", "fmnist_lenet5")],
 }  # fmt: skip
@@ -34,9 +34,9 @@ def settings(overrides: list[str], iterations: int) -> list[str]:
 
 
 def run(config: Path, out: Path, iterations: int, seed: int, overrides: list[str]) -> dict:
-    """One run (or the summary of the finished one already in `out`)."""
+    """One run (or the summary of the finished one already in `out`, if it ran as many iterations)."""
     summary = out / "summary.json"
-    if not summary.exists():
+    if not summary.exists() or json.loads(summary.read_text()).get("iterations") != iterations:
         argv = ["run", str(config), *settings(overrides, iterations), f"--seed={seed}", f"--out={out}",
                 "--overwrite", "--no-progress"]  # fmt: skip
         if dfkd(argv) != 0:

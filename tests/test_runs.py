@@ -92,23 +92,49 @@ def test_gankd_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-def test_preset_table_reads_finished_runs_back_and_prints_each_row(tmp_path, capsys, monkeypatch):
-    """The driver behind runs/RESULTS.md's preset table, on finished runs it must not repeat."""
+def write_finished_preset_runs(out: Path, presets) -> None:
+    """Calibrations (20 iterations in 4 s) and 300-iteration seed runs, as a 60 s table leaves them."""
+    for i, (_, stem) in enumerate(presets):
+        runs = {"calibration": 80.0, "s0": 90.0 + i, "s1": 92.0 + i}
+        for suffix, acc in runs.items():
+            run_dir = out / f"{stem}_{suffix}"
+            run_dir.mkdir()
+            wall, iterations = (4.0, 20) if suffix == "calibration" else (60.0, 300)
+            summary = {"teacher_acc": 97.0, "student_acc": acc, "wall_s": wall, "iterations": iterations}
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def preset_table(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "runs"))
     import preset_table
 
-    for i, (_, stem) in enumerate(preset_table.PRESETS["mnist5k"]):
-        # calibration: 20 iterations took 4 s, so a 60 s budget gives 300 iterations
-        runs = {"calibration": 80.0, "s0": 90.0 + i, "s1": 92.0 + i}
-        for suffix, acc in runs.items():
-            run_dir = tmp_path / f"{stem}_{suffix}"
-            run_dir.mkdir()
-            wall = 4.0 if suffix == "calibration" else 60.0
-            (run_dir / "summary.json").write_text(json.dumps({"teacher_acc": 97.0, "student_acc": acc, "wall_s": wall}))
+    return preset_table
+
+
+def test_preset_table_reads_finished_runs_back_and_prints_each_row(tmp_path, capsys, preset_table):
+    """The driver behind runs/RESULTS.md's preset table, on finished runs it must not repeat."""
+    write_finished_preset_runs(tmp_path, preset_table.PRESETS["mnist5k"])
     assert preset_table.main(["--datasets", "mnist5k", "--budget", "60", "--out", str(tmp_path), "perf.autocast=bf16"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| DFAD")]
     expected = "| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | `dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 train.eval_every=75 --iterations=300 --seed=S` |"
     assert rows[0] == expected and len(rows) == 2  # printed as it comes, then in the whole table
+
+
+def test_preset_table_runs_again_what_ran_for_another_budget(tmp_path, preset_table, monkeypatch):
+    write_finished_preset_runs(tmp_path, preset_table.PRESETS["mnist5k"])
+    ran = []
+
+    def dfkd(argv):  # stands in for `dfkd run`: records the run and leaves its summary
+        out = Path(next(a for a in argv if a.startswith("--out="))[len("--out="):])
+        ran.append((out.name, next(a for a in argv if a.startswith("--iterations="))))
+        (out / "summary.json").write_text(json.dumps({"teacher_acc": 97.0, "student_acc": 50.0, "wall_s": 30.0, "iterations": 150}))
+        return 0
+
+    monkeypatch.setattr(preset_table, "dfkd", dfkd)
+    assert preset_table.main(["--datasets", "mnist5k", "--budget", "30", "--out", str(tmp_path)]) == 0
+    stems = [stem for _, stem in preset_table.PRESETS["mnist5k"]]
+    assert ran == [(f"{stem}_s{s}", "--iterations=150") for stem in stems for s in (0, 1)]  # calibrations kept
 
 
 # runs/mnist5k_multiteacher.yaml measured 0.952-0.968 of the best single teacher over five runs,
