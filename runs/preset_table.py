@@ -36,11 +36,12 @@ def settings(overrides: list[str], iterations: int) -> list[str]:
 def run(config: Path, out: Path, iterations: int, seed: int, overrides: list[str]) -> dict:
     """One run (or the summary of the finished one already in `out`, if it ran as many iterations)."""
     summary = out / "summary.json"
-    if not summary.exists() or json.loads(summary.read_text()).get("iterations") != iterations:
-        argv = ["run", str(config), *settings(overrides, iterations), f"--seed={seed}", f"--out={out}",
-                "--overwrite", "--no-progress"]  # fmt: skip
-        if dfkd(argv) != 0:
-            raise SystemExit(f"preset_table: the run in {out} failed; see its output above")
+    if summary.exists() and (finished := json.loads(summary.read_text())).get("iterations") == iterations:
+        return finished
+    argv = ["run", str(config), *settings(overrides, iterations), f"--seed={seed}", f"--out={out}",
+            "--overwrite", "--no-progress"]  # fmt: skip
+    if dfkd(argv) != 0:
+        raise SystemExit(f"preset_table: the run in {out} failed; see its output above")
     return json.loads(summary.read_text())
 
 
