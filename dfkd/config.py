@@ -20,9 +20,42 @@ from generators.registry import OUTPUTS as GENERATOR_OUTPUTS
 
 @dataclass
 class DataConfig:
-    name: str = "mnist5k"  # a registered dataset (dfkd.data.DATASETS)
+    # A registered dataset (dfkd.data.DATASETS): it trains missing teachers, describes the input
+    # (unless `input` says otherwise) and its test split evaluates the student. `none`: no dataset;
+    # the teacher is a checkpoint and `input` describes what it takes.
+    name: str = "mnist5k"
     root: str | None = None  # folder for datasets read from disk
     image_size: int = 32  # model input size; images are resized to it
+
+
+@dataclass
+class InputConfig:
+    """What the teacher takes, for teachers no registered dataset describes. An unset field comes
+    from the teacher's dfkd checkpoint meta, else from the dataset; a given one must agree with
+    the checkpoint's meta. `size` unset means data.image_size."""
+
+    channels: int | None = None
+    size: int | None = None
+    num_classes: int | None = None
+    mean: list[float] | None = None  # per channel, of pixel values in [0, 1]
+    std: list[float] | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Labelled real images to score teacher and student on, instead of the dataset's test split:
+    `folder` (torchvision ImageFolder: one sub-folder of images per class) or `file` (.npz or .pt
+    holding `images` and `labels`). With neither and data.name none, the run reports teacher-student
+    agreement on `synthetic_holdout` synthetic images the student never trains on."""
+
+    folder: str | None = None
+    file: str | None = None
+    # Class folder names in the teacher's class order (default: sorted, folder i is class i).
+    classes: list[str] = field(default_factory=list)
+    synthetic_holdout: int = 1000
+    # A teacher scoring below this fraction above chance on the evaluation data is an error
+    # (wrong normalization or architecture, most often); 0 skips the check.
+    min_teacher_margin: float = 0.5
 
 
 @dataclass
@@ -30,8 +63,15 @@ class TeacherConfig:
     """A checkpoint to load, or a recipe to train (and cache, keyed by the recipe) when it is missing.
     `teachers` (a list of these) replaces `teacher` when it is not empty."""
 
+    # A registered classifier, `torchvision.<name>`, `timm.<name>`, or the user's own code:
+    # `path/to/file.py:MyNet` or `package.module:factory` (imported and run: the user's choice).
     arch: str = "lenet5"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to a user's class or factory
+    # A dfkd checkpoint, a plain state_dict (of `arch`), a TorchScript archive or a torch.export
+    # program (.pt2); recognised by content.
     checkpoint: str | None = None
+    # Also accept a whole pickled module (torch.save(model)): loading it runs code from the file.
+    trust_pickle: bool = False
     epochs: int = 8
     batch_size: int = 64
     lr: float = 2e-3
@@ -40,7 +80,8 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    arch: str = "lenet5_half"
+    arch: str = "lenet5_half"  # any name teacher.arch takes
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,6 +232,8 @@ class TrackingConfig:
 class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     teachers: list[TeacherConfig] = field(default_factory=list)
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -286,6 +329,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

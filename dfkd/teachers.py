@@ -64,7 +64,10 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
 
 def recipe_key(data: DataConfig, teacher: TeacherConfig) -> str:
     recipe = {"v": RECIPE_VERSION, "data": dataclasses.asdict(data), "teacher": dataclasses.asdict(teacher)}
-    recipe["teacher"].pop("checkpoint")
+    for key in ("checkpoint", "trust_pickle"):  # how to load a file, not what to train
+        recipe["teacher"].pop(key)
+    if not recipe["teacher"]["kwargs"]:  # keys of recipes without kwargs stay as they were
+        recipe["teacher"].pop("kwargs")
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return f"{data.name}-{teacher.arch}-{digest}"
 
