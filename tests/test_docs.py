@@ -44,10 +44,11 @@ def test_every_config_key_is_in_the_readme():
 
 def tracked_files() -> list[str]:
     try:
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        listing = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
-    return [name for name in out.decode().split("\0") if name]
+    return [name for name in listing.stdout.decode().split("\0") if name]
 
 
 def test_no_tracked_file_names_work_stages():
