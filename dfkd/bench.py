@@ -1,4 +1,4 @@
-"""`dfkd bench`: dfkd's trainer against a plain reference loop, same algorithm, same process.
+"""`dfkd bench`: dfkd's run against a plain reference loop, same algorithm, same process.
 
 The plain loop is written the way the reference DFAD code is: a fresh generator batch for every
 student step, the teacher left trainable (its parameter gradients are computed and never used),
@@ -19,15 +19,18 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from dfkd.assemble import assemble
 from dfkd.config import ExperimentConfig, with_settings
-from dfkd.data import Dataset, DatasetInfo
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
+from dfkd.game import generator_for
+from dfkd.loop import Run
 from dfkd.losses import LOSSES
 from dfkd.models import build_classifier
-from dfkd.trainer import Trainer, build_optimizer, build_schedule, generator_from_config
+from dfkd.optim import build_optimizer, build_schedule
+from dfkd.spec import InputSpec
 
-# What makes dfkd's trainer run exactly the plain loop's algorithm.
+# What makes dfkd's run execute exactly the plain loop's algorithm.
 PLAIN_ALGORITHM = {
     "method.reuse_samples": False, "train.student_ema": 0.0, "method.replay_size": 0,
     "method.generator_ema": 0.0, "method.student_shift": 0, "method.student_flip": False,
@@ -56,15 +59,14 @@ def plain_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 class PlainLoop:
-    """The reference DFAD loop. It builds its own networks with the trainer's seed, so both start
-    from the same weights; the teacher is a trainable copy of the trainer's."""
+    """The reference DFAD loop. It builds its own networks with the run's seed, so both start
+    from the same weights; the teacher is a trainable copy of the run's."""
 
-    def __init__(self, cfg: ExperimentConfig, teacher: nn.Module, info: DatasetInfo, device: torch.device):
+    def __init__(self, cfg: ExperimentConfig, teacher: nn.Module, spec: InputSpec, device: torch.device):
         self.cfg, self.device = cfg, device
-        size, g = cfg.data.image_size, cfg.generator
         torch.manual_seed(cfg.train.seed)
-        self.student = build_classifier(cfg.student.arch, info.channels, info.num_classes, size).to(device)
-        self.generator = generator_from_config(g, info, size).to(device)
+        self.student = build_classifier(cfg.student.arch, spec.channels, spec.num_classes, spec.size).to(device)
+        self.generator = generator_for(cfg, spec).to(device)
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(True)
         self.opt_s = build_optimizer(self.student.parameters(), cfg.student_optim)
         self.opt_g = build_optimizer(self.generator.parameters(), cfg.generator_optim)
@@ -99,15 +101,6 @@ class PlainLoop:
         self.sched_g.step()
 
 
-def advance(trainer: Trainer) -> None:
-    trainer.iteration()
-    trainer.step += 1
-
-
-def stepper(trainer: Trainer) -> Callable[[], None]:
-    return lambda: advance(trainer)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -132,18 +125,19 @@ def images_per_s(contenders: dict[str, Callable[[], None]], iterations: int, rep
     return {name: images * iterations / statistics.median(s) for name, s in seconds.items()}
 
 
-def phase_breakdown(trainer: Trainer, iterations: int) -> tuple[float, dict[str, float]]:
+def phase_breakdown(run: Run, iterations: int) -> tuple[float, dict[str, float]]:
     """Seconds per iteration in all, and per phase; what no phase covers is framework overhead."""
-    trainer.phases.reset()
-    trainer.phases.enabled = True
-    sync(trainer.device)
+    timer = run.game.phases
+    timer.reset()
+    timer.enabled = True
+    sync(run.device)
     start = time.perf_counter()
     for _ in range(iterations):
-        advance(trainer)
-    sync(trainer.device)
+        run.step()
+    sync(run.device)
     total = (time.perf_counter() - start) / iterations
-    trainer.phases.enabled = False
-    phases = {name: s / iterations for name, s in trainer.phases.totals.items()}
+    timer.enabled = False
+    phases = {name: s / iterations for name, s in timer.totals.items()}
     phases["framework overhead"] = max(total - sum(phases.values()), 0.0)
     return total, phases
 
@@ -175,19 +169,18 @@ def time_to_accuracy(step: Callable[[], None], evaluate: Callable[[], float], te
     return progress
 
 
-def _trainer(cfg: ExperimentConfig, run_root: str, dataset: Dataset | None = None) -> Trainer:
-    return Trainer(cfg, tempfile.mkdtemp(dir=run_root), dataset, progress=False)
+def _run(cfg: ExperimentConfig, run_root: str) -> Run:
+    return Run(cfg, tempfile.mkdtemp(dir=run_root), assemble(cfg, progress=False), progress=False)
 
 
 def run_bench(cfg: ExperimentConfig, iterations: int, repeats: int, variants: bool, tta_s: float, out=print) -> float:
     """Print the comparison; return the speedup of dfkd, as `cfg` configures it, over the plain loop."""
     plain_cfg = plain_config(cfg)
     with tempfile.TemporaryDirectory(prefix="dfkd-bench-") as root:
-        configured = _trainer(plain_cfg, root)
+        configured = _run(plain_cfg, root)
         base_cfg = with_settings(plain_cfg, NO_FAST_PATHS)
-        data = configured.dataset
-        baseline = _trainer(base_cfg, root, data) if base_cfg.perf != plain_cfg.perf else configured
-        plain = PlainLoop(plain_cfg, baseline.teacher, data.info, configured.device)
+        baseline = _run(base_cfg, root) if base_cfg.perf != plain_cfg.perf else configured
+        plain = PlainLoop(plain_cfg, baseline.game.teacher, baseline.parts.spec, configured.device)
         m, t = plain_cfg.method, plain_cfg.train
         out(f"dfkd bench: {cfg.teacher_recipes[0].arch} -> {cfg.student.arch}, {cfg.generator.name} generator "
             f"(width {cfg.generator.width}), batch {t.batch_size}, {m.n_student_steps} student step(s) per "
@@ -197,17 +190,18 @@ def run_bench(cfg: ExperimentConfig, iterations: int, repeats: int, variants: bo
         out(f"timing {iterations} iterations x {repeats} repeats in turns; student images/s (median)\n")
         contenders: dict[str, Callable[[], None]] = {"plain loop (reference)": plain.iteration}
         if baseline is not configured:
-            contenders["dfkd, no fast paths"] = stepper(baseline)
+            contenders["dfkd, no fast paths"] = baseline.step
         if variants:
             for name, settings in FAST_PATHS.items():
                 variant_cfg = with_settings(base_cfg, settings)
                 if variant_cfg.perf == plain_cfg.perf:
                     continue
-                contenders[f"dfkd + {name}"] = stepper(_trainer(variant_cfg, root, data))
-            reuse = _trainer(with_settings(plain_cfg, {"method.reuse_samples": True}), root, data)
-            contenders["dfkd + sample reuse (not the same algorithm)"] = stepper(reuse)
-        contenders["dfkd as configured"] = stepper(configured)
-        rates = images_per_s(contenders, iterations, repeats, configured.images_per_iteration, configured.device)
+                contenders[f"dfkd + {name}"] = _run(variant_cfg, root).step
+            reuse = _run(with_settings(plain_cfg, {"method.reuse_samples": True}), root)
+            contenders["dfkd + sample reuse (not the same algorithm)"] = reuse.step
+        contenders["dfkd as configured"] = configured.step
+        images = configured.game.images_per_iteration
+        rates = images_per_s(contenders, iterations, repeats, images, configured.device)
         reference = rates["plain loop (reference)"]
         width = max(map(len, rates)) + 2
         out(f"{'contender':<{width}}{'images/s':>10}{'vs plain':>10}")
@@ -226,18 +220,18 @@ def run_bench(cfg: ExperimentConfig, iterations: int, repeats: int, variants: bo
     return speedup
 
 
-def _report_time_to_accuracy(cfg, plain_cfg, baseline: Trainer, root: str, budget_s: float, out) -> None:
+def _report_time_to_accuracy(cfg, plain_cfg, baseline: Run, root: str, budget_s: float, out) -> None:
     """Wall seconds of training (evaluation excluded) until the student reaches 0.9 and 0.95 of the
     teacher: the plain loop, dfkd's recipe as configured, and that recipe without sample reuse."""
     out(f"\ntime to accuracy: at most {budget_s:g} s of training each (or train.iterations), evaluated every 20 iterations")
-    teacher_acc, test, device = baseline.teacher_acc, baseline.dataset.test, baseline.device
-    plain = PlainLoop(plain_cfg, baseline.teacher, baseline.dataset.info, device)
-    recipe = _trainer(cfg, root, baseline.dataset)
-    no_reuse = _trainer(with_settings(cfg, {"method.reuse_samples": False}), root, baseline.dataset)
+    teacher_acc, test, device = baseline.report.teacher_acc, baseline.parts.evaluation.split, baseline.device
+    plain = PlainLoop(plain_cfg, baseline.game.teacher, baseline.parts.spec, device)
+    recipe = _run(cfg, root)
+    no_reuse = _run(with_settings(cfg, {"method.reuse_samples": False}), root)
     contenders = {
         "plain loop (reference)": (plain.iteration, lambda: accuracy(plain.student, test, device)),
-        "dfkd recipe": (stepper(recipe), lambda: recipe.evaluate()["eval/student_acc"]),
-        "dfkd recipe, no sample reuse": (stepper(no_reuse), lambda: no_reuse.evaluate()["eval/student_acc"]),
+        "dfkd recipe": (recipe.step, lambda: recipe.evaluate()["eval/student_acc"]),
+        "dfkd recipe, no sample reuse": (no_reuse.step, lambda: no_reuse.evaluate()["eval/student_acc"]),
     }
     width = max(map(len, contenders)) + 2
     out(f"{'contender':<{width}}{'to 0.90':>10}{'to 0.95':>10}{'best':>8}{'final':>8}{'iterations':>12}")

@@ -53,9 +53,9 @@ class EvalConfig:
     # Class folder names in the teacher's class order (default: sorted, folder i is class i).
     classes: list[str] = field(default_factory=list)
     synthetic_holdout: int = 1000
-    # A teacher scoring below this fraction above chance on the evaluation data is an error
-    # (wrong normalization or architecture, most often); 0 skips the check.
-    min_teacher_margin: float = 0.5
+    # A teacher whose accuracy on the evaluation data is not this fraction of the way from chance
+    # to 100 % is an error (a wrong normalization or architecture, most often); 0 skips the check.
+    min_teacher_margin: float = 0.25
 
 
 @dataclass

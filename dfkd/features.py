@@ -74,3 +74,12 @@ class Adapter(nn.Module):
         if x.shape[-1] > self.size[-1]:
             return F.adaptive_avg_pool2d(x, self.size)
         return F.interpolate(x, size=self.size, mode="nearest")
+
+
+def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers (with running statistics) of a model, by path."""
+    return {
+        p: m
+        for p, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }

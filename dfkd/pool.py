@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dfkd.config import ExperimentConfig, PoolConfig
-from dfkd.data import Dataset
+from dfkd.config import PoolConfig
 from dfkd.errors import DfkdError
 from dfkd.registry import Registry
-from dfkd.teachers import check_compatible, get_teacher
+from dfkd.spec import InputSpec
 
 STRATEGIES: Registry = Registry("teacher strategy")
 
@@ -120,12 +119,11 @@ class TeacherPool:
     """The frozen teachers, each taking the generator's input space, and the strategy that picks
     who plays; `uses` counts iterations per teacher."""
 
-    def __init__(self, models: list[nn.Module], metas: list[dict], dataset: Dataset, cfg: PoolConfig, seed: int):
+    def __init__(self, models: list[nn.Module], metas: list[dict], spec: InputSpec, cfg: PoolConfig, seed: int):
         self.models, self.metas = models, metas
-        info = dataset.info
         for model, meta in zip(models, metas):
-            if not _same(meta, info):
-                renormalize_inputs(model, info.mean, info.std, meta["mean"], meta["std"])
+            if not _same(meta, spec):
+                renormalize_inputs(model, spec.mean, spec.std, meta["mean"], meta["std"])
         self.strategy = STRATEGIES.get(cfg.strategy)(len(models), cfg)
         self.rng = torch.Generator().manual_seed(seed)
         self.uses = [0] * len(models)
@@ -170,16 +168,3 @@ def check_agreement(metas: list[dict], sources: list[str]) -> None:
                 raise DfkdError(
                     f"teachers {sources[0]} and {sources[i]} disagree on {key}: {metas[0].get(key)} vs {metas[i].get(key)}"
                 )
-
-
-def load_pool(cfg: ExperimentConfig, dataset: Dataset, device: torch.device, progress: bool = True) -> TeacherPool:
-    recipes = cfg.teacher_recipes
-    loaded = [get_teacher(cfg.data, recipe, dataset, device, progress) for recipe in recipes]
-    models, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
-    if len(recipes) == 1:
-        sources = [repr(recipes[0].checkpoint) if recipes[0].checkpoint else recipes[0].arch]
-    else:
-        sources = [f"#{i} ({r.checkpoint or r.arch})" for i, r in enumerate(recipes)]
-    check_agreement(metas, sources)
-    check_compatible(metas[0], dataset, sources[0])
-    return TeacherPool(models, metas, dataset, cfg.pool, seed=cfg.train.seed + 2)

@@ -1,0 +1,171 @@
+"""The Python API. `dfkd run` and `dfkd demo` call `distill` too: one code path for both."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from dfkd import distributed
+from dfkd.config import ExperimentConfig, TeacherConfig, load_config, with_settings
+from dfkd.errors import DfkdError
+from dfkd.spec import InputSpec
+
+Teacher = "nn.Module | str | Path"
+
+
+@dataclass
+class DistillResult:
+    student: nn.Module  # the deployed student (the weight average when there is one), in eval mode
+    summary: dict | None  # summary.json; None when paused by stop_at
+    run_dir: Path
+    spec: InputSpec  # what the student takes: channels, size, classes, normalization
+    config: ExperimentConfig
+
+
+def distill(
+    teacher: Any = None,
+    student: str | nn.Module | None = None,
+    input: InputSpec | None = None,  # noqa: A002 - the name users read in the README
+    eval_data: Any = None,
+    config: str | Path | ExperimentConfig | None = None,
+    overrides: dict[str, Any] | Sequence[str] | None = None,
+    out: str | Path | None = None,
+    callback=None,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_at: int | None = None,
+) -> DistillResult:
+    """Distil `teacher` (an nn.Module, a checkpoint path, or a list of either: a pool) into `student`
+    (a name `student.arch` takes, or an nn.Module) without data.
+
+    `input` describes what the teacher takes; `eval_data` is an ImageFolder, an .npz/.pt file with
+    `images` and `labels`, an (images, labels) pair, or None (agreement on held-out synthetic
+    images). `config` is an experiment file, a shipped experiment's name or an ExperimentConfig;
+    `overrides` dotted keys on top of it. Given a teacher and no config, no dataset is implied
+    (data.name none). `callback(step, metrics)` runs at every log step; returning False ends the run
+    there, with its summary and student. The run directory `out` holds config.yaml,
+    metrics.jsonl, summary.json, samples/, checkpoints/ and student.pt.
+    """
+    cfg = _config(config, overrides, implied_no_dataset=teacher is not None and config is None)
+    teacher_modules, cfg = _teachers(teacher, cfg)
+    student_module = student if isinstance(student, nn.Module) else None
+    if isinstance(student, str):
+        cfg = with_settings(cfg, {"student.arch": student})
+    if input is not None:
+        cfg = with_settings(cfg, {f"input.{k}": list(v) if isinstance(v, tuple) else v
+                                  for k, v in dataclasses.asdict(input).items()})  # fmt: skip
+    eval_split = None
+    if isinstance(eval_data, (str, Path)):
+        path = Path(eval_data).expanduser()
+        cfg = with_settings(cfg, {"eval.folder" if path.is_dir() else "eval.file": str(path)})
+    elif eval_data is not None:
+        eval_split = eval_data
+    run_dir = _run_dir(out, cfg.name)
+    created = prepare_run_dir(run_dir, resume, overwrite) if distributed.is_main() else False
+    distributed.barrier()
+    from dfkd.assemble import assemble
+    from dfkd.loop import Run
+
+    try:
+        parts = assemble(cfg, progress, teacher_modules, student_module, input, eval_split)
+        run = Run(cfg, run_dir, parts, progress=progress, callback=callback)
+        if resume:
+            run.resume()
+    except BaseException:
+        if created:  # bad input leaves no empty run directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    summary = run.fit(stop_at)
+    return DistillResult(run.game.deployed_student.eval(), summary, run_dir, parts.spec, cfg)
+
+
+def _config(config, overrides, implied_no_dataset: bool) -> ExperimentConfig:
+    if isinstance(config, ExperimentConfig):
+        cfg = config
+    else:
+        cfg = load_config(resolve_experiment(config) if config is not None else None)
+        if implied_no_dataset:
+            cfg = with_settings(cfg, {"data.name": "none"})
+    if not overrides:
+        return cfg
+    if isinstance(overrides, dict):
+        return with_settings(cfg, overrides)
+    from dfkd.config import parse_override
+
+    return with_settings(cfg, dict(parse_override(text) for text in overrides))
+
+
+def resolve_experiment(config: str | Path) -> Path:
+    """A path, or the name of an experiment file shipped with dfkd (`mnist5k_demo`)."""
+    path = Path(config).expanduser()
+    if path.exists():
+        return path
+    try:
+        from dfkd.experiments_index import find_experiment
+    except ImportError:
+        return path
+    return find_experiment(str(config)) or path
+
+
+def _teachers(teacher, cfg: ExperimentConfig) -> tuple[list[nn.Module] | None, ExperimentConfig]:
+    """In-memory teachers, and the config with teacher files put in `teacher` / `teachers`."""
+    if teacher is None:
+        return None, cfg
+    many = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    if all(isinstance(t, nn.Module) for t in many):
+        return many, cfg
+    if not all(isinstance(t, (str, Path)) for t in many):
+        raise DfkdError("teacher must be an nn.Module, a checkpoint path, or a list of only one of the two")
+    base = dataclasses.asdict(cfg.teacher)
+    recipes = [TeacherConfig(**{**base, "checkpoint": str(t)}) for t in many]
+    if len(recipes) == 1:
+        return None, dataclasses.replace(cfg, teacher=recipes[0], teachers=[])
+    return None, dataclasses.replace(cfg, teachers=recipes)
+
+
+def _run_dir(out, name: str) -> Path:
+    run_dir = Path(out) if out is not None else Path("outputs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return distributed.gather(run_dir)[0]  # rank 0's clock names the run
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Check (and make) the run directory; True when this call created it."""
+    if out.exists() and not out.is_dir():
+        raise DfkdError(f"--out {str(out)!r} is a file, not a run directory; choose another --out")
+    if resume:
+        check_resumable_file(out / "checkpoints" / "last.pt")
+        return False
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DfkdError(f"run directory {str(out)!r} exists; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise DfkdError(f"cannot write to run directory {str(out)!r}: {err.strerror}; choose another --out") from None
+    return created
+
+
+def check_resumable_file(last: Path) -> None:
+    from dfkd.checkpoint import load_safe
+
+    if not last.is_file():
+        raise DfkdError(f"--resume: no checkpoint at {last}")
+    state = load_safe(last)
+    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+        held = type(state).__name__ if not isinstance(state, dict) else "a mapping without 'step' and 'config'"
+        raise DfkdError(
+            f"--resume: {str(last)!r} is not a dfkd run checkpoint (it holds {held}); "
+            "start the run afresh with --overwrite"
+        )

@@ -1,0 +1,72 @@
+"""Where each student step's batch comes from, as one pipeline built from the method config.
+
+Source: the generator step's own batch and teacher logits (`reuse_samples`), a replay memory of
+past batches (`replay_size`), or a fresh batch from the generator. Then the averaged generator's
+share of the batch (`generator_ema`, MAD), then augmentations (`student_shift`, `student_flip`,
+`student_mixup`), which the teacher relabels. Every draw uses the run's latent generator, so a
+resumed run draws what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from dfkd.augment import random_hflip, random_mixup, random_translate
+from dfkd.config import MethodConfig
+from dfkd.optim import WeightAverage
+from dfkd.replay import ReplayMemory
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images, teacher logits
+
+
+class StudentBatches:
+    def __init__(self, cfg: MethodConfig, batch_size: int, rng: torch.Generator,
+                 synthesize: Callable[..., Batch], generator_average: WeightAverage | None = None):  # fmt: skip
+        self.cfg, self.batch_size, self.rng, self.synthesize = cfg, batch_size, rng, synthesize
+        self.memory = ReplayMemory(cfg.replay_size) if cfg.replay_size else None
+        self.generator_average = generator_average
+        self.average_batch: Batch | None = None
+
+    def refresh(self, latest: Batch, generator: nn.Module) -> None:
+        """After the generator step(s): remember the newest batch, advance the averaged generator
+        and draw its share of this iteration's student batches."""
+        if self.memory is not None:
+            self.memory.add(*latest)
+        if self.generator_average is not None:
+            self.generator_average.update()
+            share = max(1, round(self.cfg.generator_ema_mix * self.batch_size))
+            self.average_batch = self.synthesize(self.generator_average.model, share)
+
+    def draw(self, latest: Batch, teacher: nn.Module) -> Batch:
+        """One student step's batch; `teacher` labels augmented images."""
+        batch = self._source(latest)
+        if self.average_batch is not None:
+            keep = len(batch[0]) - len(self.average_batch[0])
+            batch = tuple(torch.cat([a[:keep], b]) for a, b in zip(batch, self.average_batch))
+        return self._augment(batch, teacher)
+
+    def _source(self, latest: Batch) -> Batch:
+        if self.memory is not None:
+            return self.memory.sample(self.batch_size, self.rng)
+        return latest if self.cfg.reuse_samples else self.synthesize()
+
+    @torch.no_grad()
+    def _augment(self, batch: Batch, teacher: nn.Module) -> Batch:
+        m, rng = self.cfg, self.rng
+        if not (m.student_shift or m.student_flip or m.student_mixup):
+            return batch
+        x = batch[0]
+        x = random_translate(x, m.student_shift, rng) if m.student_shift else x
+        x = random_hflip(x, rng) if m.student_flip else x
+        x = random_mixup(x, m.student_mixup, rng) if m.student_mixup else x
+        return x, teacher(x)
+
+    def state_dict(self) -> dict:
+        return {"memory": self.memory.state_dict()} if self.memory is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])

@@ -1,0 +1,252 @@
+"""The adversarial game on one process: three players and the rules of one iteration. No files.
+
+Gradient routing (ARCHITECTURE.md, "Gradients"):
+- The teachers are frozen once (eval, requires_grad False). Gradients still flow *through* them
+  into the generator; only the student step runs a teacher under no_grad.
+- Generator step: backward(inputs=generator params), so no time goes to student or teacher
+  parameter gradients. The student stays in train mode, as in DFAD: the generator attacks the same
+  function the student step trains (the student's BN layers, if any, see batch statistics).
+- Student step: generator output made under no_grad (detached); teacher under no_grad.
+- No host sync: losses stay tensors; the loop converts them once per log interval.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from contextlib import nullcontext
+
+from dfkd import distributed
+from dfkd.batches import StudentBatches
+from dfkd.config import ExperimentConfig, OptimizerConfig
+from dfkd.features import capture
+from dfkd.methods import Setting, build_method
+from dfkd.optim import WeightAverage, build_optimizer, build_schedule
+from dfkd.perf import PhaseTimer, autocast, speed_up
+from dfkd.pool import TeacherPool
+from dfkd.spec import InputSpec
+from generators import build_generator
+
+N_FIXED_SAMPLES = 64
+
+
+def _untimed(name: str):
+    return nullcontext()
+
+
+class Player:
+    """One trained network: the module, the forward its training goes through (a DDP wrapper under
+    torchrun), its parameters, optimizer, schedule and gradient clip. `step(loss)` is the one place
+    where its gradients are made and applied; backward reaches its own parameters only."""
+
+    def __init__(self, module: nn.Module, cfg: OptimizerConfig, iterations: int, device: torch.device,
+                 fused: bool = False, phases=None, backward_phase: str = "backward"):  # fmt: skip
+        self.module = module
+        self.params = list(module.parameters())
+        self.forward = distributed.wrap(module, device)
+        self.optimizer = build_optimizer(self.params, cfg, fused)
+        self.schedule = build_schedule(self.optimizer, cfg, iterations)
+        self.grad_clip = cfg.grad_clip
+        self.phases = phases or _untimed
+        self.backward_phase = backward_phase
+        self.average: WeightAverage | None = None  # updated after every step when set
+
+    def step(self, loss: torch.Tensor) -> None:
+        phase = self.phases
+        with phase("optimizer"):
+            self.optimizer.zero_grad(set_to_none=True)
+        with phase(self.backward_phase):
+            loss.backward(inputs=self.params)
+        with phase("optimizer"):
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+            self.optimizer.step()
+            if self.average is not None:
+                self.average.update()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class StudentSide(nn.Module):
+    """The student with the adapters its features pass through: everything the student step trains,
+    as one module so that DDP averages all of its gradients. Its forward is the student's."""
+
+    def __init__(self, student: nn.Module, adapters: list[nn.Module]):
+        super().__init__()
+        self.student, self.adapters = student, nn.ModuleList(adapters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
+def generator_for(cfg: ExperimentConfig, spec: InputSpec) -> nn.Module:
+    g = cfg.generator
+    return build_generator(g.name, g.latent_dim, g.width, spec.channels, spec.size, g.output, spec.mean, spec.std)
+
+
+class Game:
+    """Generator against student over a pool of frozen teachers (and a discriminator in GAN-KD).
+    The student must be built right before the game, from the run's seed (dfkd.assemble)."""
+
+    def __init__(self, cfg: ExperimentConfig, spec: InputSpec, pool: TeacherPool, student: nn.Module,
+                 student_arch: str, device: torch.device):  # fmt: skip
+        self.cfg, self.spec, self.pool, self.device = cfg, spec, pool, device
+        self.phases = PhaseTimer(device)  # off unless `dfkd bench` reads it
+        # The teacher this iteration plays against, and the pool member the feature term reads.
+        self.teacher, self.feature_teacher = pool.models[0], next(iter(pool.strategy.feature_sources), None)
+        self.student = student
+        self.generator = generator_for(cfg, spec).to(device)
+        self.student_average = WeightAverage(student, cfg.train.student_ema) if cfg.train.student_ema > 0 else None
+        m = cfg.method
+        generator_average = WeightAverage(self.generator, m.generator_ema) if m.generator_ema > 0 else None
+        self.method = build_method(m)
+        archs = [meta["arch"] for meta in pool.metas]
+        self.method.prepare(Setting(student, student_arch, pool.models, archs, pool.strategy.feature_sources,
+                                    cfg.pool.strategy, spec, device, cfg.discriminator))  # fmt: skip
+        # Each process draws its own latents (rank 0, and a single process, from train.seed itself).
+        self.latent_rng = torch.Generator().manual_seed(cfg.train.seed + 1000 * distributed.rank())
+        self.batches = StudentBatches(m, cfg.train.batch_size, self.latent_rng, self.synthesize, generator_average)
+        for net in [*self.networks.values(), *pool.models]:
+            speed_up(net, cfg.perf)
+        fused, n = cfg.perf.fused_optimizers, cfg.train.iterations
+        side = StudentSide(student, self.method.student_modules)
+        self.student_player = Player(side, cfg.student_optim, n, device, fused, self.phases, "backward (student step)")
+        self.student_player.average = self.student_average
+        self.generator_player = Player(self.generator, cfg.generator_optim, n, device, fused, self.phases,
+                                       "backward (generator step)")  # fmt: skip
+        disc = self.method.discriminator
+        self.discriminator_player = Player(disc, cfg.discriminator_optim, n, device, fused) if disc else None
+
+    # ---- what the run holds ---------------------------------------------------------------
+    @property
+    def players(self) -> dict[str, Player]:
+        """Student (s), generator (g), discriminator (d), by checkpoint key."""
+        out = {"s": self.student_player, "g": self.generator_player}
+        if self.discriminator_player is not None:
+            out["d"] = self.discriminator_player
+        return out
+
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        """Every trained network of the run, by checkpoint key."""
+        m = self.method
+        adapters = getattr(m, "feature_adapters", None)
+        nets = {
+            "student": self.student,
+            "generator": self.generator,
+            "ema": self.student_average.model if self.student_average else None,
+            "generator_ema": self.batches.generator_average.model if self.batches.generator_average else None,
+            "discriminator": m.discriminator,
+            "adapter": getattr(m, "adapter", None),
+            "feature_adapters": adapters if adapters is not None and len(adapters) else None,
+        }
+        return {k: v for k, v in nets.items() if v is not None}
+
+    @property
+    def deployed_student(self) -> nn.Module:
+        """What is evaluated and saved: the weight average when there is one, else the student."""
+        return self.student_average.model if self.student_average is not None else self.student
+
+    @property
+    def images_per_iteration(self) -> int:
+        """Synthetic images the student trains on per iteration, over all processes."""
+        return self.cfg.method.n_student_steps * self.cfg.train.batch_size * distributed.world_size()
+
+    def autocast(self):
+        return autocast(self.cfg.perf, self.device)
+
+    # ---- the steps ------------------------------------------------------------------------
+    def sample_latent(self, n: int | None = None) -> torch.Tensor:
+        z = torch.randn(n or self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.latent_rng)
+        return z.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def synthesize(self, generator: nn.Module | None = None, n: int | None = None):
+        """A detached synthetic batch (of `n` images from `generator`, by default a full batch from
+        the live one) and the teacher's logits for it."""
+        with self.autocast():
+            with self.phases("generator forward"):
+                x = (generator or self.generator)(self.sample_latent(n))
+            with self.phases("teacher forward"):
+                return x.float(), self.teacher(x).float()
+
+    def generator_step(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """One ascent step; also returns its batch, detached, with the teacher's logits for reuse."""
+        phase = self.phases
+        with self.autocast():
+            with phase("generator forward"):
+                x = self.generator_player.forward(self.sample_latent())
+            teacher_logits, taps = self.method.teacher_forward(self.teacher, x, phase)
+            with phase("student forward"):
+                student_logits = self.student(x)
+            with phase("losses"):
+                # (losses in float32 whatever the forward's precision: perf.autocast)
+                losses = self.method.generator_losses(student_logits.float(), teacher_logits.float(), **taps)
+        self.generator_player.step(losses["loss"])
+        return losses, (x.detach().float(), teacher_logits.detach().float())
+
+    def student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[dict, dict]:
+        """Discriminator steps (when there is one) then one student step, on one batch. Returns
+        the student's losses and the last discriminator step's (empty without one)."""
+        pairs, phase, method = self.method.layer_pairs, self.phases, self.method
+        with self.autocast():
+            with capture(self.student, [s for s, _ in pairs]) as fs, phase("student forward"):
+                logits = self.student_player.forward(x)
+            ft = {}
+            if pairs:
+                teacher = self.pool.models[self.feature_teacher]
+                with torch.no_grad(), capture(teacher, [t for _, t in pairs]) as ft, phase("teacher forward"):
+                    teacher(x)
+            feature_pairs = method.feature_pairs(fs, ft)
+            d_losses, d_fake = {}, None
+            if self.discriminator_player is not None:
+                real, fake = method.discriminator_views(logits, teacher_logits, fs, ft)
+                with phase("discriminator"):
+                    for _ in range(method.discriminator_steps):
+                        d_losses = self.discriminator_step(real, fake.detach())
+                    d_fake = method.discriminator(fake)
+            with phase("losses"):
+                losses = method.student_losses(logits.float(), teacher_logits.float(), feature_pairs, d_fake)
+        self.student_player.step(losses["loss"])  # never into the discriminator
+        return losses, d_losses
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        player = self.discriminator_player
+        losses = self.method.discriminator_losses(player.forward(real), player.forward(fake))
+        player.step(losses["loss"])
+        return losses
+
+    def iteration(self, step: int) -> dict[str, torch.Tensor]:
+        """Iteration `step` (0-based): generator step(s), then the student steps; returns its
+        metrics as detached tensors."""
+        m = self.cfg.method
+        self.teacher, self.feature_teacher = self.pool.choose(step)
+        for _ in range(m.n_generator_steps):
+            g_losses, latest = self.generator_step()
+        self.batches.refresh(latest, self.generator)
+        for _ in range(m.n_student_steps):
+            s_losses, d_losses = self.student_step(*self.batches.draw(latest, self.teacher))
+        for player in self.players.values():
+            player.schedule.step()
+        return iteration_metrics(latest[1], g_losses, s_losses, d_losses)
+
+
+def iteration_metrics(teacher_logits: torch.Tensor, generator_losses: dict, student_losses: dict,
+                      discriminator_losses: dict) -> dict[str, torch.Tensor]:  # fmt: skip
+    top = teacher_logits.argmax(1)
+    # (not bincount: on CUDA it reads the largest label back to size its output, a host sync)
+    ones = torch.ones_like(top, dtype=torch.float)
+    classes = torch.zeros(teacher_logits.shape[1], device=top.device).index_add_(0, top, ones)
+    # A generator collapsing onto few classes shows here first.
+    out = {
+        "train/loss_G": generator_losses["loss"],
+        "train/loss_S": student_losses["loss"],
+        "train/top_class_frac": classes.max() / classes.sum(),
+    }
+    out.update({f"train/{k}": v for k, v in generator_losses.items() if k != "loss"})
+    out.update({f"train/loss_S_{k}": v for k, v in student_losses.items() if k != "loss"})
+    if discriminator_losses:
+        out.update({"train/loss_D": discriminator_losses["loss"], "train/acc_D": discriminator_losses["acc"]})
+    return {k: v.detach() for k, v in out.items()}

@@ -1,0 +1,231 @@
+"""The run: the game's iterations with the cadence of logging, evaluation, sample grids and
+checkpoints, divergence rollback and collapse warnings. Under torchrun every process runs it on
+its own synthetic batches; rank 0 alone writes files and W&B."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from dfkd import distributed
+from dfkd.assemble import Parts
+from dfkd.checkpoint import save_atomic
+from dfkd.config import ExperimentConfig, config_to_dict
+from dfkd.errors import DfkdError
+from dfkd.game import Game
+from dfkd.health import CollapseMonitor, first_non_finite
+from dfkd.optim import scale_lr
+from dfkd.report import Report, student_meta
+from dfkd.state import load_run_state, run_state
+from dfkd.tracking import NullTracker, Tracker
+
+# callback(step, metrics) at every log step; returning False ends the run there.
+Callback = Callable[[int, dict], "bool | None"]
+
+
+def warn(message: str) -> None:
+    tqdm.write(f"dfkd: warning: {message}", file=sys.stderr)
+
+
+def _every(step: int, interval: int, last: int) -> bool:
+    return step % interval == 0 or step == last
+
+
+class Run:
+    """Distillation of `parts` (dfkd.assemble) in `run_dir`, to train.iterations."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, parts: Parts, progress: bool = True,
+                 callback: Callback | None = None):  # fmt: skip
+        self.main = distributed.is_main()
+        self.cfg, self.run_dir, self.progress, self.callback = cfg, Path(run_dir), progress and self.main, callback
+        self.parts, self.device = parts, parts.device
+        self.game = Game(cfg, parts.spec, parts.pool, parts.student, parts.student_arch, parts.device)
+        t = cfg.train
+        self.report = Report(self.run_dir, parts.spec, parts.pool, parts.evaluation, parts.device,
+                             cfg.generator.latent_dim, t.seed, cfg.eval.synthetic_holdout,
+                             cfg.eval.min_teacher_margin)  # fmt: skip
+        self.iterations_done = 0
+        self.wall_s = 0.0
+        self.rollbacks = 0
+        self.collapse = CollapseMonitor(t.collapse_threshold, t.collapse_patience)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.stopped = False
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """One iteration of the game; its metrics as detached tensors."""
+        out = self.game.iteration(self.iterations_done)
+        self.iterations_done += 1
+        return out
+
+    def fit(self, stop_at: int | None = None) -> dict | None:
+        """Train to train.iterations and return the summary; or pause after step `stop_at`, with a
+        checkpoint, and return None (resume with resume() and fit again)."""
+        cfg = self.cfg.train
+        stop = min(stop_at or cfg.iterations, cfg.iterations)
+        tracker = self._open_tracker()
+        if self.iterations_done == 0:
+            teacher = self.report.teacher_metrics()
+            if teacher:
+                tracker.log(teacher, step=0)
+            self.save_checkpoint()  # the state a divergence before the first checkpoint rolls back to
+        bar = tqdm(total=cfg.iterations, initial=self.iterations_done, desc="distill", disable=not self.progress,
+                   unit="it")  # fmt: skip
+        start = time.perf_counter() - self.wall_s
+        try:
+            self._loop(stop, tracker, bar, start)
+        except BaseException as err:
+            bar.close()
+            interrupted = isinstance(err, KeyboardInterrupt)  # Ctrl-C or SIGTERM: keep the work done so far
+            if interrupted and self.non_finite({}) is None:
+                self.wall_s = time.perf_counter() - start
+                self.save_checkpoint()
+            tracker.finish(exit_code=getattr(err, "exit_code", 130) if interrupted else 1)
+            raise
+        bar.close()
+        if self.iterations_done < cfg.iterations and not self.stopped:
+            self.save_checkpoint()
+            tracker.finish()
+            return None
+        summary = self.finish(tracker)
+        tracker.finish()
+        return summary
+
+    def resume(self, path: Path | None = None) -> None:
+        load_run_state(self, path or self.checkpoint_path)
+
+    def _open_tracker(self) -> Tracker | NullTracker:
+        """The run's record (rank 0's alone under torchrun): config.yaml, metrics.jsonl and W&B."""
+        if not self.main:
+            return NullTracker()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = config_to_dict(self.cfg)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        resume_step = self.iterations_done if self.iterations_done else None
+        return Tracker(self.run_dir, self.cfg.tracking, config, self.run_id, resume_step=resume_step)
+
+    def _loop(self, stop: int, tracker: Tracker, bar, start: float) -> None:
+        cfg = self.cfg.train
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        last_log = time.perf_counter()
+        while self.iterations_done < stop and not self.stopped:
+            for k, v in self.step().items():
+                sums[k] = sums[k] + v if k in sums else v
+            count += 1
+            bar.update(1)
+            step, last = self.iterations_done, cfg.iterations
+            log_now, checkpoint_now = _every(step, cfg.log_every, last), _every(step, cfg.checkpoint_every, last)
+            # A checkpoint is only ever written from a healthy state.
+            if log_now or checkpoint_now:
+                cause = self.non_finite(sums)
+                if cause is not None:
+                    self.roll_back(cause, tracker)
+                    bar.n = self.iterations_done
+                    bar.refresh()
+                    sums, count, last_log = {}, 0, time.perf_counter()
+                    continue
+            if log_now:
+                now = time.perf_counter()
+                metrics = {k: v / count for k, v in zip(sums, torch.stack(list(sums.values())).tolist())}
+                metrics["perf/student_images_per_s"] = count * self.game.images_per_iteration / max(now - last_log, 1e-9)
+                metrics["train/lr_S"] = self.game.student_player.lr
+                metrics["health/collapse"] = self._check_collapse(metrics["train/top_class_frac"])
+                pool = self.game.pool
+                if len(pool) > 1:
+                    metrics.update({f"pool/uses_{n}": u for n, u in zip(pool.names, pool.uses)})
+                tracker.log(metrics, step)
+                bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", best=f"{self.report.best_acc:.1f}")
+                sums, count, last_log = {}, 0, now
+                if self.callback is not None and self.callback(step, metrics) is False:
+                    self.stopped = True
+            if _every(step, cfg.eval_every, last) and self.main:
+                evals = self.evaluate()
+                tracker.log(evals, step)
+                score = next(iter(evals.values()))
+                bar.set_postfix(acc=f"{score:.1f}", best=f"{self.report.best_acc:.1f}")
+            if _every(step, cfg.sample_every, last) and self.main:
+                path = self.report.save_samples(self.game.generator, step)
+                tracker.log_image("train/samples", path, step)
+            self.wall_s = time.perf_counter() - start
+            if checkpoint_now or self.stopped:
+                self.save_checkpoint()
+
+    def evaluate(self) -> dict[str, float]:
+        game = self.game
+        raw = game.student if game.student_average is not None else None
+        return self.report.evaluate(game.deployed_student, raw, game.generator)
+
+    def non_finite(self, losses: dict[str, torch.Tensor]) -> str | None:
+        """What is NaN or Inf, if anything; under torchrun every rank gets an answer when any finds one."""
+        nets = {k: m for k, m in self.game.networks.items() if k not in ("ema", "generator_ema")}
+        cause = first_non_finite(losses, nets)
+        if distributed.any_rank(cause is not None) and cause is None:
+            cause = "value on another process"
+        return cause
+
+    def roll_back(self, cause: str, tracker: Tracker) -> None:
+        """Reload the last good checkpoint with lowered learning rates; stop after max_rollbacks."""
+        cfg = self.cfg.train
+        detected_at, rollbacks = self.iterations_done, self.rollbacks + 1
+        if rollbacks > cfg.max_rollbacks:
+            raise DfkdError(
+                f"training diverged: non-finite {cause} at step {detected_at}, after {self.rollbacks} rollback(s); "
+                "lower student_optim.lr and generator_optim.lr or set student_optim.grad_clip"
+            )
+        self.resume()
+        self.rollbacks = rollbacks
+        for player in self.game.players.values():
+            scale_lr(player.optimizer, player.schedule, cfg.rollback_lr_factor)
+        tracker.rewind(self.iterations_done)
+        tracker.log({"health/rollbacks": rollbacks, "health/diverged_at": detected_at}, self.iterations_done)
+        warn(
+            f"non-finite {cause} at step {detected_at}: rolled back to step {self.iterations_done} with learning "
+            f"rates x{cfg.rollback_lr_factor} ({rollbacks}/{cfg.max_rollbacks})"
+        )
+
+    def _check_collapse(self, top_class_frac: float) -> float:
+        was = self.collapse.streak >= self.collapse.patience
+        collapsed = self.collapse.update(top_class_frac)
+        if collapsed and not was:
+            warn(
+                f"generator collapse? the teacher puts {top_class_frac:.0%} of synthetic images in one class "
+                f"(over {self.collapse.patience} log intervals); see samples/ and consider method.priors"
+            )
+        return float(collapsed)
+
+    def finish(self, tracker: Tracker) -> dict:
+        game, report, parts = self.game, self.report, self.parts
+        acc = report.score(game.deployed_student, game.generator)
+        summary = report.summary(acc, self.iterations_done, self.wall_s, game.images_per_iteration,
+                                 [meta["arch"] for meta in game.pool.metas], parts.teacher_files)  # fmt: skip
+        if not self.main:
+            return summary
+        real = report.real
+        meta = student_meta(parts.student_arch, self.cfg.data.name, parts.spec, acc if real else None,
+                            report.teacher_acc)  # fmt: skip
+        path = report.write(summary, game.deployed_student, meta)
+        if real:
+            tracker.summarize({"best_student_acc": report.best_acc, "student_acc": acc, "teacher_acc": report.teacher_acc})
+        else:
+            tracker.summarize({"best_synthetic_agreement": report.best_acc, "synthetic_agreement": acc})
+        tracker.log_model(path, f"student-{self.run_id}", meta)
+        return summary
+
+    def save_checkpoint(self) -> Path:
+        state = run_state(self)  # on every rank: it gathers each one's latent generator
+        if self.main:
+            save_atomic(state, self.checkpoint_path)
+        distributed.barrier()  # a rollback on any rank must find the file written
+        return self.checkpoint_path
+

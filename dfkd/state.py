@@ -1,0 +1,91 @@
+"""A run's checkpoint: everything needed to continue bit for bit, and the resume compatibility check.
+
+Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak, config, latent_rngs (one per
+process), torch_rng, pool, one state_dict per trained network (student, generator, ema,
+generator_ema, discriminator, adapter, feature_adapters), opt_<player> and sched_<player> for
+s(tudent), g(enerator), d(iscriminator), memory (the replay memory), cuda_rng.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dfkd import distributed
+from dfkd.checkpoint import load_safe, load_weights
+from dfkd.config import ExperimentConfig, config_from_dict, config_to_dict
+from dfkd.errors import DfkdError
+
+if TYPE_CHECKING:
+    from dfkd.loop import Run
+
+# Sections that change how the same algorithm runs, not what it computes.
+MAY_CHANGE_ON_RESUME = ("perf",)
+
+
+def run_state(run: Run) -> dict:
+    game = run.game
+    state = {
+        "step": run.iterations_done,
+        "wall_s": run.wall_s,
+        "best_acc": run.report.best_acc,
+        "run_id": run.run_id,
+        "rollbacks": run.rollbacks,
+        "collapse_streak": run.collapse.streak,
+        "config": config_to_dict(run.cfg),
+        "latent_rngs": distributed.gather(game.latent_rng.get_state()),  # one per process (torchrun)
+        "torch_rng": torch.get_rng_state(),
+        "pool": game.pool.state_dict(),
+    }
+    state.update({name: net.state_dict() for name, net in game.networks.items()})
+    for name, player in game.players.items():
+        state[f"opt_{name}"], state[f"sched_{name}"] = player.optimizer.state_dict(), player.schedule.state_dict()
+    state.update(game.batches.state_dict())
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved config with the keys added since it was written set to their defaults."""
+    try:
+        return config_to_dict(config_from_dict(saved))
+    except DfkdError:
+        return saved
+
+
+def check_resumable(saved: dict, cfg: ExperimentConfig, path: Path) -> None:
+    """The saved run and this config must describe the same algorithm (train.iterations may grow)."""
+    saved, mine = _with_defaults(saved), config_to_dict(cfg)
+    saved_train = {**saved.get("train", {}), "iterations": None}
+    mine_train = {**mine["train"], "iterations": None}
+    diffs = [k for k in mine if k not in ("train", *MAY_CHANGE_ON_RESUME) and saved.get(k) != mine[k]]
+    diffs += [f"train.{k}" for k in mine_train if saved_train.get(k) != mine_train[k]]
+    if diffs:
+        raise DfkdError(f"cannot resume {path}: config differs from the saved run in {', '.join(diffs)}")
+
+
+def load_run_state(run: Run, path: Path) -> None:
+    state = load_safe(path)
+    if not isinstance(state, dict) or "step" not in state:
+        raise DfkdError(f"{path} is not a dfkd run checkpoint (no 'step'); resume a run directory dfkd wrote")
+    check_resumable(state.get("config", {}), run.cfg, path)
+    game = run.game
+    for name, net in game.networks.items():
+        load_weights(net, state[name], f"{name} in {path}")
+    for name, player in game.players.items():
+        player.optimizer.load_state_dict(state[f"opt_{name}"])
+        player.schedule.load_state_dict(state[f"sched_{name}"])
+    game.batches.load_state_dict(state)
+    rngs = state["latent_rngs"] if "latent_rngs" in state else [state["latent_rng"]]  # older checkpoints
+    if distributed.rank() < len(rngs):  # else: a process the saved run did not have keeps its fresh seed
+        game.latent_rng.set_state(rngs[distributed.rank()])
+    game.pool.load_state_dict(state["pool"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.iterations_done, run.wall_s, run.run_id = state["step"], state["wall_s"], state["run_id"]
+    run.report.best_acc = state["best_acc"]
+    run.rollbacks, run.collapse.streak = state["rollbacks"], state["collapse_streak"]
