@@ -23,6 +23,14 @@ def dfkd_cache(tmp_path_factory):
         os.environ["DFKD_CACHE"] = old
 
 
+def make_run(cfg: ExperimentConfig, run_dir, progress: bool = False, callback=None):
+    """A run as `dfkd run` builds it, for tests that drive its parts."""
+    from dfkd.assemble import assemble
+    from dfkd.loop import Run
+
+    return Run(cfg, run_dir, assemble(cfg, progress=False), progress=progress, callback=callback)
+
+
 def tiny_config(**sections) -> ExperimentConfig:
     """The demo setting shrunk to seconds: a one-epoch teacher, small batches, a few iterations."""
     data = {
@@ -43,3 +51,8 @@ def tiny_config(**sections) -> ExperimentConfig:
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+@pytest.fixture
+def run_of():
+    return make_run
