@@ -6,13 +6,10 @@ Unknown keys and values of the wrong type are errors that name the key. YAML is 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
 
 from dfkd.errors import DfkdError
 from generators.registry import OUTPUTS as GENERATOR_OUTPUTS
@@ -249,67 +246,54 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> "ExperimentConfig":
-        positive = {
-            "train.iterations": self.train.iterations,
-            "train.batch_size": self.train.batch_size,
-            "train.log_every": self.train.log_every,
-            "train.eval_every": self.train.eval_every,
-            "train.sample_every": self.train.sample_every,
-            "train.checkpoint_every": self.train.checkpoint_every,
-            "method.n_student_steps": self.method.n_student_steps,
-            "method.n_generator_steps": self.method.n_generator_steps,
-            "student_optim.lr": self.student_optim.lr,
-            "generator_optim.lr": self.generator_optim.lr,
-            "generator.latent_dim": self.generator.latent_dim,
-            "generator.width": self.generator.width,
-            "data.image_size": self.data.image_size,
-            "teacher.epochs": self.teacher.epochs,
-            "teacher.batch_size": self.teacher.batch_size,
-            "teacher.lr": self.teacher.lr,
-            "method.temperature": self.method.temperature,
-            "train.collapse_patience": self.train.collapse_patience,
-            "tracking.init_timeout": self.tracking.init_timeout,
-            "discriminator.width": self.discriminator.width,
-            "discriminator.steps": self.discriminator.steps,
-            "discriminator_optim.lr": self.discriminator_optim.lr,
-        }
-        for key, value in positive.items():
+        from dfkd.optim import OPTIMIZERS, SCHEDULES
+
+        _check_finite(self)
+        for key, value in self._positive().items():
             if value <= 0:
                 raise DfkdError(f"{key} must be positive, got {value}")
-        for key in ("replay_size", "student_shift"):
-            if getattr(self.method, key) < 0:
-                raise DfkdError(f"method.{key} must be 0 (off) or positive, got {getattr(self.method, key)}")
-        if self.train.max_rollbacks < 0:
-            raise DfkdError(f"train.max_rollbacks must be 0 (stop at once) or positive, got {self.train.max_rollbacks}")
-        for key in ("rollback_lr_factor", "collapse_threshold"):
-            if not 0.0 < getattr(self.train, key) <= 1.0:
-                raise DfkdError(f"train.{key} must be in (0, 1], got {getattr(self.train, key)}")
-        if not 0.0 <= self.method.student_mixup <= 1.0:
-            raise DfkdError(f"method.student_mixup must be in [0, 1] (0 disables it), got {self.method.student_mixup}")
-        if not 0.0 <= self.method.generator_ema < 1.0:
-            raise DfkdError(f"method.generator_ema must be in [0, 1), got {self.method.generator_ema}")
-        if not 0.0 < self.method.generator_ema_mix < 1.0:
-            raise DfkdError(f"method.generator_ema_mix must be in (0, 1), got {self.method.generator_ema_mix}")
-        if not 0.0 <= self.train.student_ema < 1.0:
-            raise DfkdError(f"train.student_ema must be in [0, 1), got {self.train.student_ema}")
+        non_negative = {f"method.{k}": getattr(self.method, k) for k in
+                        ("replay_size", "student_shift", "alpha", "beta", "adversarial_weight")}  # fmt: skip
+        non_negative["train.max_rollbacks"] = self.train.max_rollbacks
+        non_negative["eval.min_teacher_margin"] = self.eval.min_teacher_margin
+        for name in OPTIMIZER_SECTIONS:
+            opt = getattr(self, name)
+            non_negative.update({f"{name}.weight_decay": opt.weight_decay, f"{name}.momentum": opt.momentum})
+        for key, value in non_negative.items():
+            if value < 0:
+                raise DfkdError(f"{key} must be 0 (off) or positive, got {value}")
+        ranges = {  # key: (value, low, high, low inclusive, high inclusive)
+            "train.rollback_lr_factor": (self.train.rollback_lr_factor, 0.0, 1.0, False, True),
+            "train.collapse_threshold": (self.train.collapse_threshold, 0.0, 1.0, False, True),
+            "method.student_mixup": (self.method.student_mixup, 0.0, 1.0, True, True),
+            "method.generator_ema": (self.method.generator_ema, 0.0, 1.0, True, False),
+            "method.generator_ema_mix": (self.method.generator_ema_mix, 0.0, 1.0, False, False),
+            "train.student_ema": (self.train.student_ema, 0.0, 1.0, True, False),
+            "eval.min_teacher_margin": (self.eval.min_teacher_margin, 0.0, 1.0, True, False),
+        }
+        for name in OPTIMIZER_SECTIONS:
+            for n, beta in enumerate(getattr(self, name).betas):
+                ranges[f"{name}.betas[{n}]"] = (beta, 0.0, 1.0, True, False)
+        for key, (value, low, high, low_in, high_in) in ranges.items():
+            if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
+                interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+                raise DfkdError(f"{key} must be in {interval}, got {value}")
         choices = {
             "train.device": (self.train.device, ("cpu", "cuda", "auto")),
             "perf.autocast": (self.perf.autocast, ("none", "bf16")),
             "generator.output": (self.generator.output, GENERATOR_OUTPUTS),
             "tracking.mode": (self.tracking.mode, ("online", "offline", "disabled")),
-            "student_optim.name": (self.student_optim.name, ("adam", "sgd")),
-            "generator_optim.name": (self.generator_optim.name, ("adam", "sgd")),
-            "discriminator_optim.name": (self.discriminator_optim.name, ("adam", "sgd")),
-            "discriminator_optim.schedule": (self.discriminator_optim.schedule, ("constant", "cosine")),
-            "student_optim.schedule": (self.student_optim.schedule, ("constant", "cosine")),
-            "generator_optim.schedule": (self.generator_optim.schedule, ("constant", "cosine")),
         }
+        for name in OPTIMIZER_SECTIONS:
+            opt = getattr(self, name)
+            choices[f"{name}.name"] = (opt.name, OPTIMIZERS.names())
+            choices[f"{name}.schedule"] = (opt.schedule, SCHEDULES.names())
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise DfkdError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-        for key in ("alpha", "beta", "adversarial_weight"):
-            if getattr(self.method, key) < 0:
-                raise DfkdError(f"method.{key} must be 0 (off) or positive, got {getattr(self.method, key)}")
+        for name in OPTIMIZER_SECTIONS:
+            if len(getattr(self, name).betas) != 2:
+                raise DfkdError(f"{name}.betas must be two numbers [beta1, beta2], got {getattr(self, name).betas}")
         if self.discriminator.layers and len(self.discriminator.layers) != 2:
             raise DfkdError(f"discriminator.layers must be [student_layer, teacher_layer], got {self.discriminator.layers}")
         for i, pair in enumerate(self.method.features):
@@ -317,133 +301,55 @@ class ExperimentConfig:
                 raise DfkdError(f"method.features[{i}] must be a pair [student_layer, teacher_layer], got {pair}")
         return self
 
+    def _positive(self) -> dict[str, float]:
+        t, m, g, d = self.train, self.method, self.generator, self.discriminator
+        out = {f"train.{k}": getattr(t, k) for k in ("iterations", "batch_size", "log_every", "eval_every",
+                                                      "sample_every", "checkpoint_every", "collapse_patience")}  # fmt: skip
+        out.update({f"method.{k}": getattr(m, k) for k in ("n_student_steps", "n_generator_steps", "temperature")})
+        out.update({"generator.latent_dim": g.latent_dim, "generator.width": g.width})
+        out.update({"data.image_size": self.data.image_size, "tracking.init_timeout": self.tracking.init_timeout})
+        out.update({f"teacher.{k}": getattr(self.teacher, k) for k in ("epochs", "batch_size", "lr")})
+        out.update({"discriminator.width": d.width, "discriminator.steps": d.steps, "eval.synthetic_holdout":
+                    self.eval.synthetic_holdout})  # fmt: skip
+        out.update({f"{name}.lr": getattr(self, name).lr for name in OPTIMIZER_SECTIONS})
+        for key in ("channels", "size", "num_classes"):
+            if getattr(self.input, key) is not None:
+                out[f"input.{key}"] = getattr(self.input, key)
+        for n, std in enumerate(self.input.std or []):
+            out[f"input.std[{n}]"] = std
+        return out
+
     @property
     def teacher_recipes(self) -> list[TeacherConfig]:
         """The teachers of this run: the `teachers` pool, or the single `teacher`."""
         return self.teachers or [self.teacher]
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+OPTIMIZER_SECTIONS = ("student_optim", "generator_optim", "discriminator_optim")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except DfkdError:
-                pass
-        raise DfkdError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is dict:
-        key_type, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise DfkdError(f"{key}: expected a mapping, got {value!r}")
-        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise DfkdError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise DfkdError(f"{key}: expected a mapping of settings, got {value!r}")
-        return _build(tp(), value, prefix=f"{key}.")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise DfkdError(f"{key}: expected {tp.__name__}, got {value!r}")
-    if not isinstance(value, tp):
-        raise DfkdError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    return value
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """NaN and infinities are refused wherever a number goes (NaN also never equals itself, which
+    would make a run refuse its own checkpoint)."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+        return
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        _check_finite(value, f"{prefix}.{key}" if isinstance(node, dict) else f"{prefix}[{key}]")
+    if isinstance(node, float) and not math.isfinite(node):
+        raise DfkdError(f"{prefix} must be a finite number, got {node}")
 
 
-def _build(base: Any, data: dict, prefix: str = "") -> Any:
-    """Apply the mapping `data` onto the dataclass instance `base` (its defaults), checking every key."""
-    hints = typing.get_type_hints(type(base))
-    names = {f.name for f in dataclasses.fields(base)}
-    for key, value in data.items():
-        if key not in names:
-            raise DfkdError(f"unknown config key '{prefix}{key}'; known: {', '.join(sorted(names))}")
-        current = getattr(base, key)
-        if isinstance(current, dict) and isinstance(value, dict):  # maps merge into their defaults
-            setattr(base, key, {**current, **_coerce(value, hints[key], f"{prefix}{key}")})
-        elif dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise DfkdError(f"{prefix}{key}: expected a mapping of settings, got {value!r}")
-            _build(current, value, prefix=f"{prefix}{key}.")
-        else:
-            setattr(base, key, _coerce(value, hints[key], f"{prefix}{key}"))
-    return base
+# Reading and writing configs (kept in dfkd.configfile, re-exported here: one import for users).
+from dfkd.configfile import (  # noqa: E402
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_override,
+    with_settings,
+)
 
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise DfkdError(f"override {dotted!r}: {part!r} is not a section")
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", value); the value is read as a YAML scalar (`3`, `1e-3`, `true`, `null`)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise DfkdError(f"bad override {text!r}; write it as section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError as err:
-        raise DfkdError(f"bad override {text!r}: {err.__class__.__name__}") from None
-    # "1e-3" is a string to YAML 1.1; users mean a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
-    return key, value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise DfkdError(f"config file {str(path)!r} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise DfkdError(f"config file {str(path)!r} is not valid YAML{where}") from None
-        if not isinstance(data, dict):
-            raise DfkdError(f"config file {str(path)!r} must hold a mapping of sections")
-    for text in overrides:
-        _set_dotted(data, *parse_override(text))
-    return config_from_dict(data)
-
-
-def config_from_dict(data: dict) -> ExperimentConfig:
-    return _build(ExperimentConfig(), data).validate()
-
-
-def config_to_dict(config: ExperimentConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
-def with_settings(config: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConfig:
-    """A validated copy of `config` with dotted keys set: {"perf.compile": True}."""
-    data = config_to_dict(config)
-    for dotted, value in settings.items():
-        _set_dotted(data, dotted, value)
-    return config_from_dict(data)
+__all__ = ["ExperimentConfig", "config_from_dict", "config_to_dict", "load_config", "parse_override",
+           "with_settings"]  # fmt: skip

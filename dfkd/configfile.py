@@ -1,0 +1,146 @@
+"""Experiment configs from YAML and dotted overrides, checked key by key against the dataclasses
+of dfkd.config. Unknown keys and values of the wrong type are errors that name the key. YAML is
+read with `yaml.safe_load`, which builds plain data and never executes code."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfkd.errors import DfkdError
+
+if typing.TYPE_CHECKING:
+    from dfkd.config import ExperimentConfig
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except DfkdError:
+                pass
+        raise DfkdError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise DfkdError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise DfkdError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise DfkdError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp(), value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise DfkdError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise DfkdError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(base: Any, data: dict, prefix: str = "") -> Any:
+    """Apply the mapping `data` onto the dataclass instance `base` (its defaults), checking every key."""
+    hints = typing.get_type_hints(type(base))
+    names = {f.name for f in dataclasses.fields(base)}
+    for key, value in data.items():
+        if key not in names:
+            raise DfkdError(f"unknown config key '{prefix}{key}'; known: {', '.join(sorted(names))}")
+        current = getattr(base, key)
+        if isinstance(current, dict) and isinstance(value, dict):  # maps merge into their defaults
+            setattr(base, key, {**current, **_coerce(value, hints[key], f"{prefix}{key}")})
+        elif dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise DfkdError(f"{prefix}{key}: expected a mapping of settings, got {value!r}")
+            _build(current, value, prefix=f"{prefix}{key}.")
+        else:
+            setattr(base, key, _coerce(value, hints[key], f"{prefix}{key}"))
+    return base
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DfkdError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value); the value is read as a YAML scalar (`3`, `1e-3`, `true`, `null`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise DfkdError(f"bad override {text!r}; write it as section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise DfkdError(f"bad override {text!r}: {err.__class__.__name__}") from None
+    # "1e-3" is a string to YAML 1.1; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> "ExperimentConfig":
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DfkdError(f"config file {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise DfkdError(f"config file {str(path)!r} is not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise DfkdError(f"config file {str(path)!r} must hold a mapping of sections")
+    for text in overrides:
+        _set_dotted(data, *parse_override(text))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> "ExperimentConfig":
+    from dfkd.config import ExperimentConfig
+
+    return _build(ExperimentConfig(), data).validate()
+
+
+def config_to_dict(config: "ExperimentConfig") -> dict:
+    return dataclasses.asdict(config)
+
+
+def with_settings(config: "ExperimentConfig", settings: dict[str, Any]) -> "ExperimentConfig":
+    """A validated copy of `config` with dotted keys set: {"perf.compile": True}."""
+    data = config_to_dict(config)
+    for dotted, value in settings.items():
+        _set_dotted(data, dotted, value)
+    return config_from_dict(data)
