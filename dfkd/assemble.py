@@ -187,14 +187,15 @@ def assemble(cfg: ExperimentConfig, progress: bool = True, teachers: list[nn.Mod
 
 
 def evaluation_for(cfg: ExperimentConfig, dataset: Dataset | None, spec: InputSpec, split=None) -> EvalSet:
+    from dfkd.data import Split
+    from dfkd.evaldata import load_labelled
+
     e = cfg.eval
     if split is not None:
-        return EvalSet(split, "images given to dfkd.distill")
+        return EvalSet(split if isinstance(split, Split) else load_labelled(split, spec), "the images given")
     if e.folder or e.file:
         if e.folder and e.file:
             raise DfkdError("set eval.folder or eval.file, not both")
-        from dfkd.evaldata import load_labelled
-
         source = e.folder or e.file
         return EvalSet(load_labelled(Path(source).expanduser(), spec, e.classes or None), source)
     if dataset is not None:
