@@ -4,9 +4,12 @@ its own synthetic batches; rank 0 alone writes files and W&B."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +39,37 @@ def warn(message: str) -> None:
 
 def _every(step: int, interval: int, last: int) -> bool:
     return step % interval == 0 or step == last
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, honoured at an iteration boundary; exits 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+@contextmanager
+def boundary_signals():
+    """While the block runs, SIGINT and SIGTERM are noted, not raised: the loop stops at the next
+    iteration boundary, so its checkpoint never holds half an iteration. A second signal stops at
+    once (and no checkpoint is written)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum, frame):
+        if received:
+            raise Interrupted(signum)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Run:
@@ -74,6 +108,8 @@ class Run:
         cfg = self.cfg.train
         stop = min(stop_at or cfg.iterations, cfg.iterations)
         tracker = self._open_tracker()
+        self._remove_stale_temp_files()
+        self._record_resume_changes(tracker)
         if self.iterations_done == 0:
             teacher = self.report.teacher_metrics()
             if teacher:
@@ -82,13 +118,14 @@ class Run:
         bar = tqdm(total=cfg.iterations, initial=self.iterations_done, desc="distill", disable=not self.progress,
                    unit="it")  # fmt: skip
         start = time.perf_counter() - self.wall_s
+        self.at_boundary = True
         try:
-            self._loop(stop, tracker, bar, start)
+            with boundary_signals() as self.signals:
+                self._loop(stop, tracker, bar, start)
         except BaseException as err:
             bar.close()
             interrupted = isinstance(err, KeyboardInterrupt)  # Ctrl-C or SIGTERM: keep the work done so far
-            if interrupted and self.non_finite({}) is None:
-                self.wall_s = time.perf_counter() - start
+            if interrupted and self.at_boundary and self.non_finite({}) is None:
                 self.save_checkpoint()
             tracker.finish(exit_code=getattr(err, "exit_code", 130) if interrupted else 1)
             raise
@@ -101,8 +138,24 @@ class Run:
         tracker.finish()
         return summary
 
-    def resume(self, path: Path | None = None) -> None:
-        load_run_state(self, path or self.checkpoint_path)
+    def _remove_stale_temp_files(self) -> None:
+        """A process killed while writing a checkpoint leaves its temporary file behind."""
+        if self.main:
+            for tmp in self.checkpoint_path.parent.glob(f".{self.checkpoint_path.name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+    def _record_resume_changes(self, tracker) -> None:
+        changes = getattr(self, "resume_changes", {})
+        if not changes:
+            return
+        tracker.log({f"resume/{key}": new for key, (_, new) in changes.items()}, self.iterations_done)
+        told = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
+        warn(f"resuming at step {self.iterations_done} with {told}")
+        self.resume_changes = {}
+
+    def resume(self, path: Path | None = None) -> int:
+        """Continue from a checkpoint (by default the run's own); returns its rollback count."""
+        return load_run_state(self, path or self.checkpoint_path)
 
     def _open_tracker(self) -> Tracker | NullTracker:
         """The run's record (rank 0's alone under torchrun): config.yaml, metrics.jsonl and W&B."""
@@ -120,6 +173,9 @@ class Run:
         count = 0
         last_log = time.perf_counter()
         while self.iterations_done < stop and not self.stopped:
+            if self.signals:
+                raise Interrupted(self.signals[0])
+            self.at_boundary = False
             for k, v in self.step().items():
                 sums[k] = sums[k] + v if k in sums else v
             count += 1
@@ -134,6 +190,7 @@ class Run:
                     bar.n = self.iterations_done
                     bar.refresh()
                     sums, count, last_log = {}, 0, time.perf_counter()
+                    self.at_boundary = True
                     continue
             if log_now:
                 now = time.perf_counter()
@@ -151,6 +208,7 @@ class Run:
                     self.stopped = True
             if _every(step, cfg.eval_every, last) and self.main:
                 evals = self.evaluate()
+                evals["health/student_near_chance"] = self._check_learning(evals, step)
                 tracker.log(evals, step)
                 score = next(iter(evals.values()))
                 bar.set_postfix(acc=f"{score:.1f}", best=f"{self.report.best_acc:.1f}")
@@ -160,6 +218,7 @@ class Run:
             self.wall_s = time.perf_counter() - start
             if checkpoint_now or self.stopped:
                 self.save_checkpoint()
+            self.at_boundary = True
 
     def evaluate(self) -> dict[str, float]:
         game = self.game
@@ -183,16 +242,35 @@ class Run:
                 f"training diverged: non-finite {cause} at step {detected_at}, after {self.rollbacks} rollback(s); "
                 "lower student_optim.lr and generator_optim.lr or set student_optim.grad_clip"
             )
-        self.resume()
+        saved_rollbacks = self.resume()
         self.rollbacks = rollbacks
+        # The checkpoint's rates already carry its own rollbacks' factors: the factor compounds.
+        factor = cfg.rollback_lr_factor ** (rollbacks - saved_rollbacks)
         for player in self.game.players.values():
-            scale_lr(player.optimizer, player.schedule, cfg.rollback_lr_factor)
+            scale_lr(player.optimizer, player.schedule, factor)
+        # A retry draws other latents than the attempt that diverged (else it would repeat it).
+        self.game.latent_rng.manual_seed(cfg.seed + 1000 * distributed.rank() + 100_003 * rollbacks)
         tracker.rewind(self.iterations_done)
         tracker.log({"health/rollbacks": rollbacks, "health/diverged_at": detected_at}, self.iterations_done)
         warn(
             f"non-finite {cause} at step {detected_at}: rolled back to step {self.iterations_done} with learning "
             f"rates x{cfg.rollback_lr_factor} ({rollbacks}/{cfg.max_rollbacks})"
         )
+
+    def _check_learning(self, evals: dict[str, float], step: int) -> float:
+        """1.0 when, past a quarter of the run, the student still scores near chance while the
+        teacher is far above it (a learning rate far too high, most often); warns once."""
+        report = self.report
+        if not report.real or step < self.cfg.train.iterations / 4:
+            return 0.0
+        chance = 100.0 / self.parts.spec.num_classes
+        near = evals["eval/student_acc"] < chance + 0.1 * (report.teacher_acc - chance)
+        if near and not getattr(self, "_warned_chance", False):
+            self._warned_chance = True
+            warn(f"the student scores {evals['eval/student_acc']:.1f} % at step {step}, near chance "
+                 f"({chance:.0f} %) while the teacher scores {report.teacher_acc:.1f} %: it is not learning; "
+                 "lower student_optim.lr / generator_optim.lr")  # fmt: skip
+        return float(near)
 
     def _check_collapse(self, top_class_frac: float) -> float:
         was = self.collapse.streak >= self.collapse.patience

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,6 +55,17 @@ def scale_lr(opt: torch.optim.Optimizer, sched, factor: float) -> None:
         if "initial_lr" in group:
             group["initial_lr"] *= factor
     sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+
+
+def replan(opt: torch.optim.Optimizer, sched, iterations: int) -> None:
+    """Continue a schedule as if the run had been planned for `iterations` from the start (a longer
+    or shorter resume): the cosine's length changes and the current rate moves onto the new curve."""
+    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) or sched.T_max == iterations:
+        return
+    sched.T_max = iterations
+    progress = math.cos(math.pi * min(sched.last_epoch, iterations) / iterations)
+    for group, base in zip(opt.param_groups, sched.base_lrs):
+        group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + progress) / 2
 
 
 @torch.no_grad()

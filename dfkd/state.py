@@ -17,12 +17,18 @@ from dfkd import distributed
 from dfkd.checkpoint import load_safe, load_weights
 from dfkd.config import ExperimentConfig, config_from_dict, config_to_dict
 from dfkd.errors import DfkdError
+from dfkd.optim import replan, scale_lr
 
 if TYPE_CHECKING:
     from dfkd.loop import Run
 
-# Sections that change how the same algorithm runs, not what it computes.
-MAY_CHANGE_ON_RESUME = ("perf",)
+# Sections that change how the same algorithm runs or is recorded, not what it computes.
+MAY_CHANGE_ON_RESUME = ("perf", "tracking", "eval")
+# Keys a resumed run may change; the change is recorded in the run (resume/<key> in metrics.jsonl).
+TUNABLE_ON_RESUME = (
+    "train.iterations", "train.log_every", "train.eval_every", "train.sample_every", "train.checkpoint_every",
+    "train.max_rollbacks", "student_optim.lr", "generator_optim.lr", "discriminator_optim.lr",
+)  # fmt: skip
 
 
 def run_state(run: Run) -> dict:
@@ -56,22 +62,36 @@ def _with_defaults(saved: dict) -> dict:
         return saved
 
 
-def check_resumable(saved: dict, cfg: ExperimentConfig, path: Path) -> None:
-    """The saved run and this config must describe the same algorithm (train.iterations may grow)."""
-    saved, mine = _with_defaults(saved), config_to_dict(cfg)
-    saved_train = {**saved.get("train", {}), "iterations": None}
-    mine_train = {**mine["train"], "iterations": None}
-    diffs = [k for k in mine if k not in ("train", *MAY_CHANGE_ON_RESUME) and saved.get(k) != mine[k]]
-    diffs += [f"train.{k}" for k in mine_train if saved_train.get(k) != mine_train[k]]
-    if diffs:
-        raise DfkdError(f"cannot resume {path}: config differs from the saved run in {', '.join(diffs)}")
+def _leaves(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("priors", "kwargs"):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def load_run_state(run: Run, path: Path) -> None:
+def check_resumable(saved: dict, cfg: ExperimentConfig, path: Path) -> dict[str, tuple]:
+    """The saved run and this config must describe the same algorithm; the keys of TUNABLE_ON_RESUME
+    may differ. Returns those changes: {key: (saved value, new value)}."""
+    saved, mine = _leaves(_with_defaults(saved)), _leaves(config_to_dict(cfg))
+    changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+    fixed = [k for k in changed if k not in TUNABLE_ON_RESUME and k.split(".")[0] not in MAY_CHANGE_ON_RESUME]
+    if fixed:
+        raise DfkdError(
+            f"cannot resume {path}: config differs from the saved run in {', '.join(fixed)} "
+            f"(a resumed run may change only {', '.join(TUNABLE_ON_RESUME)} and the perf, tracking and eval sections)"
+        )
+    return {k: change for k, change in changed.items() if k in TUNABLE_ON_RESUME}
+
+
+def load_run_state(run: Run, path: Path) -> int:
+    """Load `path` into `run`; returns the checkpoint's rollback count."""
     state = load_safe(path)
     if not isinstance(state, dict) or "step" not in state:
         raise DfkdError(f"{path} is not a dfkd run checkpoint (no 'step'); resume a run directory dfkd wrote")
-    check_resumable(state.get("config", {}), run.cfg, path)
+    changes = check_resumable(state.get("config", {}), run.cfg, path)
     game = run.game
     for name, net in game.networks.items():
         load_weights(net, state[name], f"{name} in {path}")
@@ -89,3 +109,20 @@ def load_run_state(run: Run, path: Path) -> None:
     run.iterations_done, run.wall_s, run.run_id = state["step"], state["wall_s"], state["run_id"]
     run.report.best_acc = state["best_acc"]
     run.rollbacks, run.collapse.streak = state["rollbacks"], state["collapse_streak"]
+    _apply(changes, run)
+    return state["rollbacks"]
+
+
+def _apply(changes: dict[str, tuple], run: Run) -> None:
+    """New learning rates scale the saved ones (schedule, rollbacks and all); a new length re-plans
+    the schedules as if the run had been planned for it."""
+    names = {"student_optim": "s", "generator_optim": "g", "discriminator_optim": "d"}
+    players = run.game.players
+    for key, (old, new) in changes.items():
+        section = key.split(".")[0]
+        if key.endswith(".lr") and names[section] in players and old:
+            player = players[names[section]]
+            scale_lr(player.optimizer, player.schedule, new / old)
+    for player in players.values():
+        replan(player.optimizer, player.schedule, run.cfg.train.iterations)
+    run.resume_changes = {**getattr(run, "resume_changes", {}), **changes}
