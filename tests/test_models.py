@@ -27,7 +27,7 @@ def test_lenet_half_is_half_width():
 
 
 def test_bad_classifier_names_and_sizes():
-    with pytest.raises(DfkdError, match="unknown classifier 'lenet6'; known: lenet5"):
+    with pytest.raises(DfkdError, match="unknown classifier 'lenet6'; did you mean 'lenet5'\\? known: lenet5"):
         build_classifier("lenet6", 1, 10, 32)
     with pytest.raises(DfkdError, match="unknown torchvision model 'resnet7'"):
         build_classifier("torchvision.resnet7", 1, 10, 32)
