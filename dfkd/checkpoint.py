@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import errno
 import os
 import pickle
 import pickletools
@@ -50,6 +51,15 @@ class PickleRefused(DfkdError):
         self.kind, self.name = kind, name
 
 
+class DiskFull(DfkdError):
+    """The device filled up while a file was written; the file's previous version is intact."""
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    # torch's zip writer reports a short write as "unexpected pos" instead of passing on ENOSPC
+    return getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in str(err)
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file intact."""
     path = Path(path)
@@ -61,8 +71,10 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)) and _is_disk_full(err):
+            raise DiskFull(f"no space left on device while writing {path}") from None
         raise
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dfkd import distributed
 from dfkd.assemble import Parts
-from dfkd.checkpoint import save_atomic
+from dfkd.checkpoint import DiskFull, save_atomic
 from dfkd.config import ExperimentConfig, config_to_dict
 from dfkd.errors import DfkdError
 from dfkd.game import Game
@@ -91,6 +91,7 @@ class Run:
         self.collapse = CollapseMonitor(t.collapse_threshold, t.collapse_patience)
         self.run_id = uuid.uuid4().hex[:8]
         self.stopped = False
+        self.saved_step: int | None = None  # the step of the checkpoint on disk
 
     @property
     def checkpoint_path(self) -> Path:
@@ -303,7 +304,13 @@ class Run:
     def save_checkpoint(self) -> Path:
         state = run_state(self)  # on every rank: it gathers each one's latent generator
         if self.main:
-            save_atomic(state, self.checkpoint_path)
+            try:
+                save_atomic(state, self.checkpoint_path)
+            except DiskFull as err:
+                kept = f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step is not None \
+                    else "no checkpoint was written yet"  # fmt: skip
+                raise DfkdError(f"{err}; {kept}: free some space and continue with --resume") from None
+        self.saved_step = self.iterations_done
         distributed.barrier()  # a rollback on any rank must find the file written
         return self.checkpoint_path
 

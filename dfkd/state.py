@@ -107,6 +107,7 @@ def load_run_state(run: Run, path: Path) -> int:
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     run.iterations_done, run.wall_s, run.run_id = state["step"], state["wall_s"], state["run_id"]
+    run.saved_step = state["step"]
     run.report.best_acc = state["best_acc"]
     run.rollbacks, run.collapse.streak = state["rollbacks"], state["collapse_streak"]
     _apply(changes, run)
