@@ -5,8 +5,9 @@ import torch
 
 from dfkd.config import ExperimentConfig, config_from_dict
 
-# Tests never touch the user's cache or W&B account.
-os.environ.setdefault("WANDB_MODE", "disabled")
+# Tests never touch the user's cache or W&B account, whatever the environment says.
+if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+    os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
