@@ -1,15 +1,20 @@
 """The command line as a user meets it: exit codes, one-line errors, run directories, resume."""
 import json
+import os
+import shutil
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from dfkd.cli import main
 
-TINY = ["teacher.epochs=1", "generator.width=4", "train.batch_size=16", "train.log_every=2", "train.eval_every=2",
-        "train.sample_every=2", "train.checkpoint_every=2", "tracking.mode=disabled", "--no-progress"]  # fmt: skip
+TINY = ["teacher.epochs=1", "generator.width=4", "train.batch_size=16", "train.log_every=2",
+        "train.eval_every=2", "train.sample_every=2", "train.checkpoint_every=2", "tracking.mode=disabled",
+        "--no-progress"]  # fmt: skip
 
 
 def test_demo_end_to_end_prints_the_table(tmp_path, capsys):
@@ -50,21 +55,34 @@ def workspace(tmp_path_factory):
     assert main(["run", str(root / "exp.yaml"), "--out", str(root / "run"), "--iterations", "2", *TINY]) == 0
     (root / "broken.yaml").write_text("train: [1, 2\n")
     (root / "junk.pt").write_bytes(b"not a checkpoint")
-    meta = {"arch": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32}
+    meta = {"arch": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32, "mean": [0.1307],
+            "std": [0.3081]}  # fmt: skip
     save_classifier(root / "misfit.pt", build_classifier("lenet5_half", 1, 10, 32), meta)
-    save_classifier(root / "rgb.pt", build_classifier("lenet5", 3, 10, 32), {**meta, "in_channels": 3})
+    rgb = {**meta, "in_channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_classifier(root / "rgb.pt", build_classifier("lenet5", 3, 10, 32), rgb)
     save_classifier(root / "good.pt", build_classifier("lenet5", 1, 10, 32), meta)
     save_classifier(root / "five.pt", build_classifier("lenet5", 1, 5, 32), {**meta, "num_classes": 5})
+    torch.save(build_classifier("lenet5", 1, 10, 32).state_dict(), root / "plain.pt")
+    with warnings.catch_warnings():  # torch calls TorchScript deprecated; users still bring such files
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(build_classifier("lenet5", 1, 10, 32).eval(), torch.zeros(2, 1, 32, 32))
+        torch.jit.save(traced, str(root / "teacher.ts"))
     (root / "file").write_text("")
+    (root / "empty.yaml").write_text("# only a comment\n")
+    (root / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (root / "listrun" / "checkpoints").mkdir(parents=True)
+    torch.save([1, 2, 3], root / "listrun" / "checkpoints" / "last.pt")
     return root
 
 
 def snapshot(root):
-    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes and every folder: a bad command may neither change a file nor leave a folder."""
+    return {p.relative_to(root): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
-# One row per kind of bad input. `{w}` is the workspace; most rows aim at the finished run with
-# --resume, the place where a careless error path would do the most damage.
+# One row per kind of bad input. `{w}` is the workspace; rows of only options and overrides aim at
+# the finished run with --resume, the place where a careless error path would do the most damage.
+CONVERT = ["--arch", "lenet5", "--mean", "0.5", "--std", "0.5"]
 BAD_INPUT = {
     "missing config": (["run", "{w}/missing.yaml"], "config file '{w}/missing.yaml' not found"),
     "corrupt config": (["run", "{w}/broken.yaml"], "config file '{w}/broken.yaml' is not valid YAML at line"),
@@ -73,27 +91,86 @@ BAD_INPUT = {
     "zero batch size": (["train.batch_size=0"], "train.batch_size must be positive, got 0"),
     "negative steps": (["method.n_student_steps=-1"], "method.n_student_steps must be positive, got -1"),
     "zero learning rate": (["student_optim.lr=0"], "student_optim.lr must be positive, got 0.0"),
-    "unknown registry name": (["student.arch=lenet9"], "unknown classifier 'lenet9'; known:"),
+    "unknown registry name": (["student.arch=lenet9"],
+                              "unknown classifier 'lenet9'; did you mean 'lenet5'? known:"),
     "missing checkpoint": (["teacher.checkpoint={w}/no_such.pt"], "checkpoint '{w}/no_such.pt' not found"),
-    "corrupt checkpoint": (["teacher.checkpoint={w}/junk.pt"], "checkpoint '{w}/junk.pt' is unreadable or corrupt"),
-    "weights misfit": (["teacher.checkpoint={w}/misfit.pt"], "checkpoint '{w}/misfit.pt' does not fit its architecture"),
-    "teacher input shape": (["teacher.checkpoint={w}/rgb.pt"], "has in_channels=3 but dataset mnist5k needs 1"),
+    "corrupt checkpoint": (["teacher.checkpoint={w}/junk.pt"],
+                           "checkpoint '{w}/junk.pt' is unreadable or corrupt"),
+    "weights misfit": (["teacher.checkpoint={w}/misfit.pt"],
+                       "checkpoint '{w}/misfit.pt' does not fit its architecture"),
+    "teacher input shape": (["teacher.checkpoint={w}/rgb.pt"],
+                            "rgb.pt' has in_channels=3 but the input has channels=1"),
     "teachers disagree": (["teachers=[{checkpoint: {w}/good.pt}, {checkpoint: {w}/five.pt}]"],
                           "teachers #0 ({w}/good.pt) and #1 ({w}/five.pt) disagree on num_classes: 10 vs 5"),
-    "missing dataset path": (["data.name=fashion_mnist", "data.root={w}/no/dir"], "data.root '{w}/no/dir' does not exist"),
+    "missing dataset path": (["data.name=fashion_mnist", "data.root={w}/no/dir"],
+                             "data.root '{w}/no/dir' does not exist"),
     "unwritable output": (["--out", "{w}/file/run"], "cannot write to run directory '{w}/file/run'"),
-    "existing run without --resume": (["--out", "{w}/run"], "exists; pass --resume to continue it or --overwrite"),
-    "resume with another config": (["--resume", "method.loss=l1"], "config differs from the saved run in method"),
+    "existing run without --resume": (["--out", "{w}/run"],
+                                      "exists; pass --resume to continue it or --overwrite"),
+    "resume with another config": (["--resume", "method.loss=l1"],
+                                   "config differs from the saved run in method"),
     "no CUDA": (["train.device=cuda"], "no CUDA device is available; use train.device=cpu"),
-}
+    "missing argument": (["run"],
+                         "dfkd: error: the following arguments are required: config (see dfkd run --help)"),
+    "unknown option": (["--iterationz", "3"],
+                       "dfkd: error: unrecognized arguments: --iterationz (see dfkd --help)"),
+    "bad option value": (["layers", "lenet5", "--size", "x"], "argument --size: invalid int value: 'x'"),
+    "unknown command": (["distil"], "argument COMMAND: invalid choice: 'distil'"),
+    "unknown shipped experiment": (["run", "no_such_experiment"],
+                                   "config file 'no_such_experiment' not found; give a YAML path or a"),
+    "empty config": (["run", "{w}/empty.yaml"], "config file '{w}/empty.yaml' is empty; write settings"),
+    "non-UTF-8 config": (["run", "{w}/latin1.yaml"],
+                         "config file '{w}/latin1.yaml' is not UTF-8 text (byte 0xe9 at offset 9)"),
+    "run --out is a file": (["--out", "{w}/file"], "--out '{w}/file' is a file, not a run directory"),
+    "fresh --out, bad teacher": (["--out", "{w}/fresh/run", "teacher.checkpoint={w}/junk.pt"],
+                                 "checkpoint '{w}/junk.pt' is unreadable or corrupt"),
+    "resume a foreign checkpoint": (["--out", "{w}/listrun", "--resume"],
+                                    "'{w}/listrun/checkpoints/last.pt' is not a dfkd run checkpoint"),
+    "teacher --out exists": (["train-teacher", "--out", "{w}/good.pt"],
+                             "'{w}/good.pt' exists; pass --overwrite"),
+    "teacher --out is a directory": (["train-teacher", "--out", "{w}/run"], "--out '{w}/run' is a directory"),
+    "teacher --out under a file": (["train-teacher", "--out", "{w}/file/t.pt"],
+                                   "'{w}/file' is a file, not a directory"),
+    "teacher --out under /proc": (["train-teacher", "--out", "/proc/dfkd/t.pt"],
+                                  "cannot write to '/proc/dfkd'"),
+    "teacher override holding a path": (["train-teacher", "data.root={w}/no/dir", "data.name=fashion_mnist",
+                                         "--out", "{w}/t.pt"], "data.root '{w}/no/dir' does not exist"),
+    "bench override holding a path": (["bench", "teacher.checkpoint={w}/junk.pt"],
+                                      "checkpoint '{w}/junk.pt' is unreadable or corrupt"),
+    "layers zero channels": (["layers", "lenet5", "--channels", "0"], "--channels must be positive, got 0"),
+    "layers negative size": (["layers", "lenet5", "--size", "-1"], "--size must be positive, got -1"),
+    "layers zero classes": (["layers", "lenet5", "--classes", "0"], "--classes must be positive, got 0"),
+    "export unknown format": (["export", "{w}/run", "--format", "zip"],
+                              "argument --format: invalid choice: 'zip'"),
+    "export without a student": (["export", "{w}/listrun", "--format", "onnx"], "holds no student.pt"),
+    "export --out exists": (["export", "{w}/run", "--format", "onnx", "--out", "{w}/file"],
+                            "'{w}/file' exists; pass --overwrite to replace it"),
+    "export --out is a directory": (["export", "{w}/run", "--format", "torchscript", "--out", "{w}/run"],
+                                    "--out '{w}/run' is a directory"),
+    "export --out under a file": (["export", "{w}/run", "--format", "exported", "--out", "{w}/file/s.pt2"],
+                                  "'{w}/file' is a file, not a directory"),
+    "convert a TorchScript file": (["convert", "{w}/teacher.ts", "--out", "{w}/new.pt", *CONVERT],
+                                   "is a TorchScript archive (a graph, not weights of a dfkd architecture) "
+                                   "and cannot be stored as a dfkd state_dict checkpoint; use it directly: "
+                                   "teacher.checkpoint={w}/teacher.ts"),
+    "convert --out exists": (["convert", "{w}/good.pt", "--out", "{w}/five.pt", *CONVERT],
+                             "'{w}/five.pt' exists; pass --overwrite"),
+    "convert without --mean": (["convert", "{w}/good.pt", "--out", "{w}/new.pt", "--arch", "lenet5"],
+                               "dfkd convert needs --mean and --std"),
+    "convert without a shape": (["convert", "{w}/plain.pt", "--out", "{w}/new.pt", *CONVERT],
+                                "a plain state_dict records no input shape; give --channels"),
+    "convert another arch": (["convert", "{w}/good.pt", "--out", "{w}/new.pt", "--arch", "mlp", *CONVERT[2:]],
+                             "--arch mlp disagrees with the checkpoint's arch lenet5"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
 def test_bad_input_is_one_line_nonzero_and_changes_no_good_file(workspace, capsys, case):
     args, message = BAD_INPUT[case]
     args = [a.replace("{w}", str(workspace)) for a in args]
-    if args[0] != "run":  # aimed at the finished run unless the row names its own --out
-        aim = [] if "--out" in args else ["--out", str(workspace / "run"), *(["--resume"] if "--resume" not in args else [])]
+    if args[0].startswith("-") or "=" in args[0]:  # aimed at the finished run unless it names its own --out
+        resume = [] if "--resume" in args else ["--resume"]
+        aim = [] if "--out" in args else ["--out", str(workspace / "run"), *resume]
         args = ["run", str(workspace / "exp.yaml"), *TINY, *args, *aim]
     before = snapshot(workspace)
     capsys.readouterr()
@@ -110,13 +187,83 @@ def test_console_entry_point_help_and_list():
     assert run.returncode == 0 and "demo" in run.stdout and "train-teacher" in run.stdout
     listed = subprocess.run([sys.executable, "-m", "dfkd", "list"], capture_output=True, text=True)
     assert "lenet5_half" in listed.stdout and "dfad" in listed.stdout
+    assert "mnist5k_demo" in listed.stdout and "What `dfkd demo` runs" in listed.stdout
+
+
+COMMANDS = ["bench", "convert", "demo", "export", "layers", "list", "run", "train-teacher"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_a_described_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: dfkd {command}")
+    description = text.split("\n\n")[1]  # the paragraph after the usage
+    assert not description.startswith(("positional arguments", "options")) and len(description) > 40
+
+
+def test_a_shipped_experiment_runs_by_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ folder here: the name must find the shipped file
+    out = tmp_path / "run"
+    assert main(["run", "mnist5k_demo", "--out", str(out), "--iterations", "2", *TINY]) == 0
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 2
+    assert "name: mnist5k_demo" in (out / "config.yaml").read_text()
+
+
+def test_train_teacher_replaces_a_file_only_with_overwrite(tmp_path, capsys):
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(b"mine")
+    args = ["train-teacher", "teacher.epochs=1", "teacher.arch=mlp", "--out", str(path), "--no-progress"]
+    assert main(args) == 2 and path.read_bytes() == b"mine"
+    assert main([*args, "--overwrite"]) == 0
+    assert path.read_bytes() != b"mine"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_non_editable_install_ships_every_package_and_the_experiment_files(tmp_path):
+    """pip install (not -e) of a copy of the checkout, then dfkd from the installed files alone."""
+    src, site = tmp_path / "src", tmp_path / "site"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", ".*")
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "dfkd", "generators", "discriminators", "runs"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, src / name, **({"ignore": ignore} if (REPO / name).is_dir() else {}))
+    packages = {p.parent.relative_to(src) for p in src.rglob("__init__.py")}
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+           "--target", str(site), str(src)]  # fmt: skip
+    built = subprocess.run(pip, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert {p for p in packages if not (site / p / "__init__.py").is_file()} == set(), "not installed"
+    shipped = sorted(p.name for p in (site / "dfkd" / "experiments").glob("*.yaml"))
+    assert shipped == sorted(p.name for p in (REPO / "runs").glob("*.yaml"))
+    code = ("import dfkd, dfkd.cli as c; from pathlib import Path; "
+            "print(dfkd.__file__); print(c.resolve_config(Path('mnist5k_demo'))); "
+            "print(c.resolve_config(Path('runs/fmnist_dfad.yaml')))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                           env=env)  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    module, demo, dfad = found.stdout.split()
+    assert module.startswith(str(site)) and demo == str(site / "dfkd" / "experiments" / "mnist5k_demo.yaml")
+    assert dfad == str(site / "dfkd" / "experiments" / "fmnist_dfad.yaml")
+    listed = subprocess.run([sys.executable, "-m", "dfkd", "list"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env)  # fmt: skip
+    assert "mnist5k_demo" in listed.stdout and str(site / "dfkd" / "experiments") in listed.stdout
+    run = subprocess.run([sys.executable, "-m", "dfkd", "run", "mnist5k_demo", "--out", str(tmp_path / "run"),
+                          "--iterations", "2", *TINY], capture_output=True, text=True, cwd=tmp_path,
+                         env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["iterations"] == 2
 
 
 def test_train_teacher_writes_a_checkpoint_with_metadata(tmp_path, capsys):
     from dfkd.teachers import load_classifier
 
     path = tmp_path / "teacher.pt"
-    assert main(["train-teacher", "teacher.epochs=1", "teacher.arch=mlp", "--out", str(path), "--no-progress"]) == 0
+    args = ["train-teacher", "teacher.epochs=1", "teacher.arch=mlp", "--out", str(path), "--no-progress"]
+    assert main(args) == 0
     model, meta = load_classifier(path)
     assert meta["arch"] == "mlp" and meta["num_classes"] == 10 and meta["in_channels"] == 1
     assert meta["image_size"] == 32 and meta["mean"] == [0.1307] and meta["test_acc"] > 50
@@ -164,8 +311,9 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tmp_path)
 
     from dfkd.checkpoint import load_safe
 
-    args = ["demo", "--iterations", "60", *TINY, "train.batch_size=64", "generator.width=8", "train.log_every=1",
-            "train.checkpoint_every=7", "train.eval_every=1000", "train.sample_every=1000"]  # fmt: skip
+    args = ["demo", "--iterations", "60", *TINY, "train.batch_size=64", "generator.width=8",
+            "train.log_every=1", "train.checkpoint_every=7", "train.eval_every=1000",
+            "train.sample_every=1000"]  # fmt: skip
 
     def dfkd(out, *extra):
         return [sys.executable, "-m", "dfkd", *args, "--out", str(out), *extra]
