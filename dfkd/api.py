@@ -21,7 +21,9 @@ Teacher = "nn.Module | str | Path"
 
 @dataclass
 class DistillResult:
-    student: nn.Module  # the deployed student (the weight average when there is one), in eval mode
+    # The deployed student (the weight average when there is one), in eval mode; a student passed
+    # in as a module is that module, holding those weights.
+    student: nn.Module
     summary: dict | None  # summary.json; None when paused by stop_at
     run_dir: Path
     spec: InputSpec  # what the student takes: channels, size, classes, normalization
@@ -83,14 +85,18 @@ def distill(
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     summary = run.fit(stop_at)
-    return DistillResult(run.game.deployed_student.eval(), summary, run_dir, parts.spec, cfg)
+    deployed = run.game.deployed_student
+    if student_module is not None and deployed is not student_module:
+        student_module.load_state_dict(deployed.state_dict())  # the caller's module holds the result
+        deployed = student_module
+    return DistillResult(deployed.eval(), summary, run_dir, parts.spec, cfg)
 
 
 def _config(config, overrides, implied_no_dataset: bool) -> ExperimentConfig:
     if isinstance(config, ExperimentConfig):
         cfg = config
     else:
-        cfg = load_config(resolve_experiment(config) if config is not None else None)
+        cfg = load_config(config)
         if implied_no_dataset:
             cfg = with_settings(cfg, {"data.name": "none"})
     if not overrides:
@@ -100,18 +106,6 @@ def _config(config, overrides, implied_no_dataset: bool) -> ExperimentConfig:
     from dfkd.config import parse_override
 
     return with_settings(cfg, dict(parse_override(text) for text in overrides))
-
-
-def resolve_experiment(config: str | Path) -> Path:
-    """A path, or the name of an experiment file shipped with dfkd (`mnist5k_demo`)."""
-    path = Path(config).expanduser()
-    if path.exists():
-        return path
-    try:
-        from dfkd.experiments_index import find_experiment
-    except ImportError:
-        return path
-    return find_experiment(str(config)) or path
 
 
 def _teachers(teacher, cfg: ExperimentConfig) -> tuple[list[nn.Module] | None, ExperimentConfig]:

@@ -23,7 +23,7 @@ from dfkd.models import build_classifier
 from dfkd.pool import TeacherPool, check_agreement
 from dfkd.report import EvalSet
 from dfkd.spec import InputSpec
-from dfkd.teachers import get_teacher, load_classifier
+from dfkd.teachers import freeze, get_teacher, load_classifier
 
 NO_DATASET = "none"
 SPEC_KEYS = {"channels": "in_channels", "size": "image_size", "num_classes": "num_classes"}
@@ -75,7 +75,7 @@ def load_teacher(cfg: ExperimentConfig, recipe: TeacherConfig, dataset: Dataset 
     path = Path(recipe.checkpoint).expanduser()
     model, meta = load_classifier(path, arch=recipe.arch, kwargs=recipe.kwargs, shape=teacher_shape(cfg, dataset),
                                   trust_pickle=recipe.trust_pickle)  # fmt: skip
-    return model.to(device).eval().requires_grad_(False), meta
+    return freeze(model.to(device)), meta
 
 
 def module_meta(model: nn.Module) -> dict:
@@ -168,7 +168,7 @@ def assemble(cfg: ExperimentConfig, progress: bool = True, teachers: list[nn.Mod
     device = resolve_device(cfg.train.device)
     dataset = dataset_for(cfg)
     if teachers is not None:
-        models = [t.to(device).eval().requires_grad_(False) for t in teachers]
+        models = [freeze(t.to(device)) for t in teachers]
         metas, sources = [module_meta(t) for t in models], [f"#{i} ({type(t).__name__})" for i, t in enumerate(models)]
         files = [None] * len(models)
     else:

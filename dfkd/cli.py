@@ -162,73 +162,9 @@ def _add_layers(sub) -> None:
 # --- experiment files ------------------------------------------------------------------------------
 
 
-def experiments_dir() -> Path | None:
-    """The shipped experiment files: dfkd/experiments in an installed package, runs/ in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "experiments", here.parent / "runs"):
-        if candidate.is_dir() and any(candidate.glob("*.yaml")):
-            return candidate
-    return None
-
-
-def shipped_experiments() -> dict[str, Path]:
-    folder = experiments_dir()
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder else {}
-
-
-def find_experiment(name: str | Path) -> Path | None:
-    """The shipped experiment file `name` names: mnist5k_demo, mnist5k_demo.yaml or runs/mnist5k_demo.yaml."""
-    path = Path(name)
-    return shipped_experiments().get(path.stem if path.suffix in (".yaml", ".yml") else path.name)
-
-
-def resolve_config(path: Path | None) -> Path | None:
-    """An existing path as it is; otherwise a shipped experiment of that name (with or without .yaml)."""
-    if path is None or path.exists():
-        return path
-    shipped = find_experiment(path)
-    if shipped is None:
-        raise DfkdError(f"config file {str(path)!r} not found; give a YAML path or a shipped experiment name "
-                        "(`dfkd list` shows them)")  # fmt: skip
-    return shipped
-
-
-def first_comment(path: Path) -> str:
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("#").strip()
-    return ""
-
-
-def _check_config_file(path: Path) -> None:
-    """What load_config would take for defaults or fail on obscurely: a folder, non-UTF-8, no settings."""
-    import yaml
-
-    if path.is_dir():
-        raise DfkdError(f"config file {str(path)!r} is a directory; name a YAML file")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DfkdError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DfkdError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
-                        f"{err.start}); save it as UTF-8") from None  # fmt: skip
-    try:
-        empty = yaml.safe_load(text) is None
-    except yaml.YAMLError:
-        return  # load_config reports where
-    if empty:
-        raise DfkdError(f"config file {str(path)!r} is empty; write settings in it (at least `name: ...`) or "
-                        "start from a shipped experiment (`dfkd list`)")  # fmt: skip
-
-
 def _config(path: Path | None, args) -> "ExperimentConfig":
     from dfkd.config import load_config
 
-    if path is not None:
-        _check_config_file(path)
     overrides = list(args.overrides)
     if getattr(args, "iterations", None) is not None:
         overrides.append(f"train.iterations={args.iterations}")
@@ -389,6 +325,8 @@ def cmd_list() -> int:
         ("teacher strategies", STRATEGIES.names()),
     ]:
         print(f"{title}: {', '.join(names)}")
+    from dfkd.configfile import experiments_dir, first_comment, shipped_experiments
+
     shipped = shipped_experiments()
     print(f"experiments (dfkd run NAME), in {experiments_dir()}:" if shipped else "experiments: none shipped")
     width = max(map(len, shipped), default=0) + 2
@@ -469,10 +407,10 @@ def _dispatch(args) -> int:
             return cmd_convert(args)
     if args.command == "train-teacher":
         with _no_empty_dirs_left(args.out):
-            return cmd_train_teacher(_config(resolve_config(args.config), args), args)
+            return cmd_train_teacher(_config(args.config, args), args)
     if args.command == "bench":
-        return cmd_bench(_config(resolve_config(args.config), args), args)
-    config = None if args.command == "demo" else resolve_config(args.config)
+        return cmd_bench(_config(args.config, args), args)
+    config = None if args.command == "demo" else args.config
     with _no_empty_dirs_left(args.out, default_parent=Path("outputs")):
         return cmd_run(_config(config, args), args)
 

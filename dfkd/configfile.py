@@ -112,11 +112,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> "ExperimentConfig":
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise DfkdError(f"config file {str(path)!r} not found")
+        path = resolve_config(Path(path))
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(read_config_text(path))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -144,3 +142,67 @@ def with_settings(config: "ExperimentConfig", settings: dict[str, Any]) -> "Expe
     for dotted, value in settings.items():
         _set_dotted(data, dotted, value)
     return config_from_dict(data)
+
+
+# --- experiment files ------------------------------------------------------------------------------
+
+
+def experiments_dir() -> Path | None:
+    """The shipped experiment files: dfkd/experiments in an installed package, runs/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "experiments", here.parent / "runs"):
+        if candidate.is_dir() and any(candidate.glob("*.yaml")):
+            return candidate
+    return None
+
+
+def shipped_experiments() -> dict[str, Path]:
+    folder = experiments_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder else {}
+
+
+def find_experiment(name: str | Path) -> Path | None:
+    """The shipped experiment file `name` names: mnist5k_demo, mnist5k_demo.yaml or runs/mnist5k_demo.yaml."""
+    path = Path(name)
+    return shipped_experiments().get(path.stem if path.suffix in (".yaml", ".yml") else path.name)
+
+
+def resolve_config(path: Path | None) -> Path | None:
+    """An existing path as it is; otherwise a shipped experiment of that name (with or without .yaml)."""
+    if path is None or path.exists():
+        return path
+    shipped = find_experiment(path)
+    if shipped is None:
+        raise DfkdError(f"config file {str(path)!r} not found; give a YAML path or a shipped experiment name "
+                        "(`dfkd list` shows them)")  # fmt: skip
+    return shipped
+
+
+def first_comment(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a config file; a folder, unreadable bytes, non-UTF-8 or no settings are errors."""
+    if path.is_dir():
+        raise DfkdError(f"config file {str(path)!r} is a directory; name a YAML file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DfkdError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DfkdError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+                        f"{err.start}); save it as UTF-8") from None  # fmt: skip
+    try:
+        empty = yaml.safe_load(text) is None
+    except yaml.YAMLError:
+        return text  # load_config reports where
+    if empty:
+        raise DfkdError(f"config file {str(path)!r} is empty; write settings in it (at least `name: ...`) or "
+                        "start from a shipped experiment (`dfkd list`)")  # fmt: skip
+    return text

@@ -477,5 +477,14 @@ def get_teacher(
             save_classifier(path, model, meta)
             meta = {**meta, "format": "dfkd"}
     meta = {**meta, "path": str(path)}
-    model = model.to(device).eval().requires_grad_(False)
+    model = freeze(model.to(device))
     return model, meta
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients, once for the whole run (ScriptModules included, which
+    have no requires_grad_); gradients still flow through the model into its inputs."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

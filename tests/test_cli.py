@@ -238,9 +238,9 @@ def test_a_non_editable_install_ships_every_package_and_the_experiment_files(tmp
     assert {p for p in packages if not (site / p / "__init__.py").is_file()} == set(), "not installed"
     shipped = sorted(p.name for p in (site / "dfkd" / "experiments").glob("*.yaml"))
     assert shipped == sorted(p.name for p in (REPO / "runs").glob("*.yaml"))
-    code = ("import dfkd, dfkd.cli as c; from pathlib import Path; "
-            "print(dfkd.__file__); print(c.resolve_config(Path('mnist5k_demo'))); "
-            "print(c.resolve_config(Path('runs/fmnist_dfad.yaml')))")  # fmt: skip
+    code = ("import dfkd, dfkd.configfile as cf; from pathlib import Path; "
+            "print(dfkd.__file__); print(cf.resolve_config(Path('mnist5k_demo'))); "
+            "print(cf.resolve_config(Path('runs/fmnist_dfad.yaml')))")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(site)}
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                            env=env)  # fmt: skip

