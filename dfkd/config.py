@@ -192,10 +192,14 @@ class TrainConfig:
     # `max_rollbacks` times; then the run stops with an error.
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
-    # Collapse: warn when more than `collapse_threshold` of the synthetic batch falls in one teacher
-    # class, on average, for `collapse_patience` log intervals in a row.
+    # Collapse: more than `collapse_threshold` of the synthetic batch in one teacher class, on
+    # average, for `collapse_patience` log intervals in a row (fewer in a short run: at most a
+    # quarter of its intervals, at least 2). Then `collapse_action`: `reinit` gives the generator
+    # fresh weights and optimizer state (a collapsed generator rarely recovers by itself), `warn`
+    # only warns. Both log health/collapse.
     collapse_threshold: float = 0.9
     collapse_patience: int = 5
+    collapse_action: str = "reinit"
 
 
 @dataclass
@@ -283,6 +287,7 @@ class ExperimentConfig:
             "perf.autocast": (self.perf.autocast, ("none", "bf16")),
             "generator.output": (self.generator.output, GENERATOR_OUTPUTS),
             "tracking.mode": (self.tracking.mode, ("online", "offline", "disabled")),
+            "train.collapse_action": (self.train.collapse_action, ("reinit", "warn")),
         }
         for name in OPTIMIZER_SECTIONS:
             opt = getattr(self, name)

@@ -157,6 +157,15 @@ class Game:
     def autocast(self):
         return autocast(self.cfg.perf, self.device)
 
+    def reset_generator(self, seed: int) -> None:
+        """Fresh generator weights (drawn from `seed`, the run's own random streams untouched) and a
+        fresh optimizer state; the module itself stays, so its wrappers stay valid."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = generator_for(self.cfg, self.spec)
+        self.generator.load_state_dict(fresh.state_dict())
+        self.generator_player.optimizer.state.clear()
+
     # ---- the steps ------------------------------------------------------------------------
     def sample_latent(self, n: int | None = None) -> torch.Tensor:
         z = torch.randn(n or self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.latent_rng)

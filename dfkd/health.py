@@ -30,6 +30,13 @@ class CollapseMonitor:
         self.threshold, self.patience = threshold, patience
         self.streak = 0
 
+    @classmethod
+    def for_run(cls, threshold: float, patience: int, iterations: int, log_every: int) -> "CollapseMonitor":
+        """A window that fits the run: `patience` intervals, but at most a quarter of the run's log
+        intervals (and at least 2), so a short run is watched too."""
+        intervals = -(-iterations // log_every)
+        return cls(threshold, max(2, min(patience, intervals // 4)))
+
     def update(self, top_class_frac: float) -> bool:
         self.streak = self.streak + 1 if top_class_frac > self.threshold else 0
         return self.streak >= self.patience

@@ -88,7 +88,8 @@ class Run:
         self.iterations_done = 0
         self.wall_s = 0.0
         self.rollbacks = 0
-        self.collapse = CollapseMonitor(t.collapse_threshold, t.collapse_patience)
+        self.collapse = CollapseMonitor.for_run(t.collapse_threshold, t.collapse_patience, t.iterations, t.log_every)
+        self.generator_resets = 0
         self.run_id = uuid.uuid4().hex[:8]
         self.stopped = False
         self.saved_step: int | None = None  # the step of the checkpoint on disk
@@ -199,6 +200,7 @@ class Run:
                 metrics["perf/student_images_per_s"] = count * self.game.images_per_iteration / max(now - last_log, 1e-9)
                 metrics["train/lr_S"] = self.game.student_player.lr
                 metrics["health/collapse"] = self._check_collapse(metrics["train/top_class_frac"])
+                metrics["health/generator_resets"] = self.generator_resets
                 pool = self.game.pool
                 if len(pool) > 1:
                     metrics.update({f"pool/uses_{n}": u for n, u in zip(pool.names, pool.uses)})
@@ -277,10 +279,16 @@ class Run:
         was = self.collapse.streak >= self.collapse.patience
         collapsed = self.collapse.update(top_class_frac)
         if collapsed and not was:
+            reinit = self.cfg.train.collapse_action == "reinit"
             warn(
                 f"generator collapse? the teacher puts {top_class_frac:.0%} of synthetic images in one class "
-                f"(over {self.collapse.patience} log intervals); see samples/ and consider method.priors"
+                f"(over {self.collapse.patience} log intervals); "
+                + ("the generator starts afresh" if reinit else "see samples/ and consider method.priors")
             )
+            if reinit:
+                self.generator_resets += 1
+                self.game.reset_generator(self.cfg.train.seed + 7919 * self.generator_resets)
+                self.collapse.streak = 0  # the fresh generator gets a window of its own
         return float(collapsed)
 
     def finish(self, tracker: Tracker) -> dict:

@@ -1,6 +1,6 @@
 """A run's checkpoint: everything needed to continue bit for bit, and the resume compatibility check.
 
-Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak, config, latent_rngs (one per
+Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak, generator_resets, config, latent_rngs (one per
 process), torch_rng, pool, one state_dict per trained network (student, generator, ema,
 generator_ema, discriminator, adapter, feature_adapters), opt_<player> and sched_<player> for
 s(tudent), g(enerator), d(iscriminator), memory (the replay memory), cuda_rng.
@@ -40,6 +40,7 @@ def run_state(run: Run) -> dict:
         "run_id": run.run_id,
         "rollbacks": run.rollbacks,
         "collapse_streak": run.collapse.streak,
+        "generator_resets": run.generator_resets,
         "config": config_to_dict(run.cfg),
         "latent_rngs": distributed.gather(game.latent_rng.get_state()),  # one per process (torchrun)
         "torch_rng": torch.get_rng_state(),
@@ -110,6 +111,7 @@ def load_run_state(run: Run, path: Path) -> int:
     run.saved_step = state["step"]
     run.report.best_acc = state["best_acc"]
     run.rollbacks, run.collapse.streak = state["rollbacks"], state["collapse_streak"]
+    run.generator_resets = state.get("generator_resets", 0)  # absent from older checkpoints
     _apply(changes, run)
     return state["rollbacks"]
 

@@ -1,0 +1,73 @@
+"""A collapsed generator is noticed within a short run and, by default, started afresh."""
+
+import json
+
+import torch
+
+from dfkd.health import CollapseMonitor
+
+
+class OneClassTeacher(torch.nn.Module):
+    """A teacher that files every image under class 3: whatever the generator makes, its batches
+    are 100 % one class, a collapse by construction."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 10, device=x.device)
+        logits[:, 3] = 10.0
+        return logits + 0.0 * x.mean()  # keeps the generator's graph connected
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_window_scales_with_the_run_length():
+    assert CollapseMonitor.for_run(0.9, 5, iterations=200, log_every=50).patience == 2
+    assert CollapseMonitor.for_run(0.9, 5, iterations=1000, log_every=50).patience == 5
+    assert CollapseMonitor.for_run(0.9, 5, iterations=20000, log_every=50).patience == 5
+
+
+def collapsed_run(tiny, run_of, tmp_path, action):
+    cfg = tiny(train={"iterations": 200, "log_every": 50, "eval_every": 200, "sample_every": 200,
+                      "checkpoint_every": 200, "collapse_action": action})  # fmt: skip
+    run = run_of(cfg, tmp_path)
+    run.game.pool.models[0] = run.game.teacher = OneClassTeacher()
+    return run
+
+
+def test_a_collapse_in_a_200_iteration_run_reinitialises_the_generator(tiny, run_of, tmp_path, capsys):
+    run = collapsed_run(tiny, run_of, tmp_path, "reinit")
+    resets = []
+    reset = run.game.reset_generator
+    run.game.reset_generator = lambda seed: (resets.append(run.iterations_done), reset(seed))
+    run.fit()
+    flags = {r["step"]: r["health/collapse"] for r in records(tmp_path) if "health/collapse" in r}
+    assert flags == {50: 0.0, 100: 1.0, 150: 0.0, 200: 1.0}, "fires after 2 intervals, again after a reset"
+    assert resets == [100, 200]
+    assert [r["health/generator_resets"] for r in records(tmp_path) if "health/generator_resets" in r] == [0, 1, 1, 2]
+    assert "the generator starts afresh" in capsys.readouterr().err
+
+
+def test_reset_generator_draws_fresh_weights_and_clears_the_optimizer(tiny, run_of, tmp_path):
+    run = run_of(tiny(), tmp_path)
+    run.step()
+    before = {k: v.clone() for k, v in run.game.generator.state_dict().items()}
+    assert run.game.generator_player.optimizer.state
+    rng = torch.get_rng_state()
+    run.game.reset_generator(seed=123)
+    after = run.game.generator.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not run.game.generator_player.optimizer.state
+    assert torch.equal(rng, torch.get_rng_state()), "the run's own random stream is untouched"
+    again = run_of(tiny(), tmp_path / "again")
+    again.game.reset_generator(seed=123)
+    assert all(torch.equal(after[k], v) for k, v in again.game.generator.state_dict().items())
+
+
+def test_collapse_action_warn_only_warns(tiny, run_of, tmp_path, capsys):
+    run = collapsed_run(tiny, run_of, tmp_path, "warn")
+    run.game.reset_generator = lambda seed: (_ for _ in ()).throw(AssertionError("no reset with warn"))
+    run.fit()
+    flags = [r["health/collapse"] for r in records(tmp_path) if "health/collapse" in r]
+    assert flags == [0.0, 1.0, 1.0, 1.0]
+    assert "consider method.priors" in capsys.readouterr().err
