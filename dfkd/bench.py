@@ -28,6 +28,7 @@ from dfkd.loop import Run
 from dfkd.losses import LOSSES
 from dfkd.models import build_classifier
 from dfkd.optim import build_optimizer, build_schedule
+from dfkd.perf import matmul_peak
 from dfkd.spec import InputSpec
 
 # What makes dfkd's run execute exactly the plain loop's algorithm.
@@ -125,6 +126,16 @@ def images_per_s(contenders: dict[str, Callable[[], None]], iterations: int, rep
     return {name: images * iterations / statistics.median(s) for name, s in seconds.items()}
 
 
+def phase_flops(run: Run) -> dict[str, float]:
+    """Floating-point operations per phase of one iteration (counted on a separate, untimed one)."""
+    timer = run.game.phases
+    timer.reset()
+    timer.enabled = timer.count_flops = True
+    run.step()
+    timer.enabled = timer.count_flops = False
+    return dict(timer.flops)
+
+
 def phase_breakdown(run: Run, iterations: int) -> tuple[float, dict[str, float]]:
     """Seconds per iteration in all, and per phase; what no phase covers is framework overhead."""
     timer = run.game.phases
@@ -208,16 +219,30 @@ def run_bench(cfg: ExperimentConfig, iterations: int, repeats: int, variants: bo
         for name, rate in rates.items():
             out(f"{name:<{width}}{rate:>10.1f}{rate / reference:>10.2f}")
 
-        total, phases = phase_breakdown(configured, iterations)
-        out(f"\nwhere dfkd's time goes (as configured; phases timed on their own): {1000 * total:.1f} ms per iteration")
-        for name, s in sorted(phases.items(), key=lambda kv: -kv[1]):
-            out(f"  {name:<28}{1000 * s:>9.1f} ms {100 * s / total:>6.1f} %")
+        _report_phases(configured, iterations, out)
 
         if tta_s > 0:
             _report_time_to_accuracy(cfg, plain_cfg, baseline, root, tta_s, out)
     speedup = rates["dfkd as configured"] / reference
     out(f"speedup: {speedup:.2f}")
     return speedup
+
+
+def _report_phases(run: Run, iterations: int, out) -> None:
+    """Time and achieved FLOP/s per phase, against the machine's measured matmul peak."""
+    flops = phase_flops(run)
+    total, phases = phase_breakdown(run, iterations)
+    dtype = torch.bfloat16 if run.cfg.perf.autocast == "bf16" else torch.float32
+    peak = matmul_peak(run.device, dtype)
+    out(f"\nwhere dfkd's time goes (as configured; phases timed on their own): {1000 * total:.1f} ms per iteration; "
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s ({str(dtype).removeprefix('torch.')}, measured now)")  # fmt: skip
+    out(f"  {'phase':<28}{'ms':>9}   {'share':>6}{'GFLOP/s':>10}{'of peak':>9}")
+    for name, s in sorted(phases.items(), key=lambda kv: -kv[1]):
+        rate = flops.get(name, 0.0) / s if s > 0 else 0.0
+        cells = f"{rate / 1e9:>10.1f}{100 * rate / peak:>8.1f}%" if name in flops and flops[name] else f"{'-':>10}{'-':>9}"
+        out(f"  {name:<28}{1000 * s:>9.1f} ms{100 * s / total:>6.1f} %{cells}")
+    achieved = sum(flops.values()) / total
+    out(f"  {'all phases':<28}{1000 * total:>9.1f} ms{100.0:>6.1f} %{achieved / 1e9:>10.1f}{100 * achieved / peak:>8.1f}%")
 
 
 def _report_time_to_accuracy(cfg, plain_cfg, baseline: Run, root: str, budget_s: float, out) -> None:

@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from dfkd.config import PerfConfig
 from dfkd.errors import DfkdError
@@ -41,7 +42,9 @@ class PhaseTimer:
 
     def __init__(self, device: torch.device):
         self.enabled = False
+        self.count_flops = False  # also count each phase's floating-point operations (slow; bench only)
         self.totals: dict[str, float] = defaultdict(float)
+        self.flops: dict[str, float] = defaultdict(float)
         self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self._off = nullcontext()
 
@@ -50,13 +53,34 @@ class PhaseTimer:
 
     @contextmanager
     def _timed(self, name: str):
+        counter = FlopCounterMode(display=False) if self.count_flops else nullcontext()
         self._sync()
         start = time.perf_counter()
         try:
-            yield
+            with counter:
+                yield
         finally:
             self._sync()
             self.totals[name] += time.perf_counter() - start
+            if self.count_flops:
+                self.flops[name] += counter.get_total_flops()
 
     def reset(self) -> None:
         self.totals.clear()
+        self.flops.clear()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul on `device`: what this machine does at best, measured here."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(times)[len(times) // 2]
