@@ -13,7 +13,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -62,12 +62,13 @@ def student_path(source: str | Path) -> Path:
 
 def load_student(path: str | Path) -> tuple[nn.Module, InputSpec]:
     """A dfkd student checkpoint (or the run directory holding student.pt), in eval mode, with its spec."""
-    model, meta = _load(student_path(path))
+    model, meta = load_frozen(student_path(path))
     return model, spec_from_meta(meta, str(student_path(path)))
 
 
-def _load(path: Path) -> tuple[nn.Module, dict]:
-    from dfkd.teachers import load_classifier
+def load_frozen(path: Path) -> tuple[nn.Module, dict]:
+    """A dfkd checkpoint's model, in eval mode and without parameter gradients, and its meta."""
+    from dfkd.classifier_files import load_classifier
 
     model, meta = load_classifier(path)
     return model.eval().requires_grad_(False), meta
@@ -115,25 +116,45 @@ def export_verified(
     out = Path(out).expanduser() if out is not None else default_out(src, fmt)
     targets = [out, sidecar_of(out)] if fmt == "state_dict" else [out]
     for target in targets:
-        _check_target(target, overwrite)
+        check_target(target, overwrite)
     if fmt == "onnx":
         _require_onnx()
-    model, meta = _load(src)
+    model, meta = load_frozen(src)
     spec = spec_from_meta(meta, str(src))
     doc = spec_document(spec, meta)
+    sidecar = sidecar_of(out) if fmt == "state_dict" else None
+
+    def publish(tmp: Path, dest: Path) -> None:
+        if sidecar is not None:  # the sidecar first: a weights file never appears without its spec
+            sidecar.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, dest)
+
+    diff = write_verified(model, spec, out, lambda tmp: _write(fmt, model, spec, doc, tmp),
+                          lambda tmp: reload(fmt, tmp, doc), publish)  # fmt: skip
+    return ExportResult(out, spec, diff, sidecar)
+
+
+def write_verified(
+    model: nn.Module, spec: InputSpec, out: Path, write: Callable[[Path], None],
+    load_back: Callable[[Path], Runner], publish: Callable[[Path, Path], None] = os.replace,
+) -> float:
+    """`write` the model to a temporary file beside `out`, `load_back` that file and `publish` it as
+    `out` only if it gives the model's logits on the verification batch: the max |Δlogit|. On any
+    failure the temporary file is removed and `out` is left as it was."""
     x = verification_batch(spec)
     with torch.no_grad():
         expected = model(x)
     tmp = _temp_beside(out)
     try:
-        _write(fmt, model, spec, doc, tmp)
-        got = reload(fmt, tmp, doc)(x)
-        diff = _check_close(got, expected)
-        sidecar = _publish(tmp, out, fmt, doc)
+        write(tmp)
+        run = load_back(tmp)
+        with torch.no_grad():
+            diff = _check_close(run(x), expected)
+        publish(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ExportResult(out, spec, diff, sidecar)
+    return diff
 
 
 def _write(fmt: str, model: nn.Module, spec: InputSpec, doc: dict, path: Path) -> None:
@@ -147,7 +168,8 @@ def _write(fmt: str, model: nn.Module, spec: InputSpec, doc: dict, path: Path) -
                         "try another --format") from None  # fmt: skip
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
+def check_target(path: Path, overwrite: bool) -> None:
+    """`path` may be written: not a directory, not an existing file unless `overwrite`, not below a file."""
     if path.is_dir():
         raise DfkdError(f"--out {str(path)!r} is a directory; name the file to write")
     if path.exists() and not overwrite:
@@ -168,15 +190,6 @@ def _temp_beside(out: Path) -> Path:
                         "choose another --out") from None  # fmt: skip
     os.close(fd)
     return Path(name)
-
-
-def _publish(tmp: Path, out: Path, fmt: str, doc: dict) -> Path | None:
-    sidecar = None
-    if fmt == "state_dict":  # the sidecar first: a weights file never appears without its spec
-        sidecar = sidecar_of(out)
-        sidecar.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out)
-    return sidecar
 
 
 def _check_close(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -301,127 +314,3 @@ def _require_onnx() -> None:
     for name in ("onnx", "onnxruntime"):
         if importlib.util.find_spec(name) is None:
             raise DfkdError(f"--format onnx needs the {name} package; pip install 'dfkd[onnx]'")
-
-
-# --- convert: a teacher from elsewhere into a dfkd checkpoint -----------------------------------------
-
-
-def archive_kind(path: Path) -> str | None:
-    """'torchscript' or 'exported' for those zip archives, else None (a torch.save file or something else)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return None
-    parts = [n.split("/", 1)[-1] for n in names]
-    if any(p.startswith("code/") or p == "constants.pkl" for p in parts):
-        return "torchscript"
-    if any(p in ("archive_format", "models/model.json") or p.startswith("serialized_") for p in parts):
-        return "exported"
-    return None
-
-
-def _dfkd_meta(path: Path) -> dict | None:
-    """The meta of a dfkd checkpoint, None for a plain state_dict."""
-    from dfkd.checkpoint import load_safe
-
-    ckpt = load_safe(path)
-    return ckpt["meta"] if isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) else None
-
-
-def conversion_spec(
-    meta: dict | None, shape: tuple, mean: Sequence[float], std: Sequence[float]
-) -> InputSpec:
-    """The spec from --channels/--size/--classes (a dfkd checkpoint's meta fills those not given) and
-    --mean/--std (one value stands for every channel)."""
-    known = meta or {}
-    values = {}
-    flags = {"--channels": "in_channels", "--size": "image_size", "--classes": "num_classes"}
-    for (flag, key), given in zip(flags.items(), shape):
-        if given is not None and key in known and known[key] != given:
-            raise DfkdError(f"{flag} {given} disagrees with the checkpoint's {key}={known[key]}; "
-                            f"drop {flag} or fix it")  # fmt: skip
-        value = given if given is not None else known.get(key)
-        if value is None:
-            raise DfkdError(f"a plain state_dict records no input shape; give {flag}")
-        if value <= 0:
-            raise DfkdError(f"{flag} must be positive, got {value}")
-        values[key] = value
-    channels = values["in_channels"]
-    per_channel = {}
-    for flag, numbers in (("--mean", mean), ("--std", std)):
-        if len(numbers) not in (1, channels):
-            raise DfkdError(f"{flag} has {len(numbers)} values for {channels} channel(s); "
-                            "give one per channel")  # fmt: skip
-        per_channel[flag] = list(numbers) * channels if len(numbers) == 1 else list(numbers)
-    if any(s <= 0 for s in per_channel["--std"]):
-        raise DfkdError(f"--std must be positive, got {' '.join(map(str, std))}")
-    return InputSpec(channels, values["image_size"], values["num_classes"], per_channel["--mean"],
-                     per_channel["--std"])  # fmt: skip
-
-
-def convert_to_checkpoint(
-    src: str | Path, out: str | Path, arch: str, shape: tuple = (None, None, None),
-    mean: Sequence[float] = (), std: Sequence[float] = (), overwrite: bool = False,
-) -> tuple[InputSpec, float]:
-    """Store a plain state_dict (or a dfkd checkpoint) of `arch` as a dfkd checkpoint whose meta records
-    the input spec; verified by reloading. Returns the spec and the max |Δlogit|."""
-    src, out = Path(src).expanduser(), Path(out).expanduser()
-    if not src.is_file():
-        raise DfkdError(f"{str(src)!r} not found; name the state_dict file to convert")
-    _check_target(out, overwrite)
-    kind = archive_kind(src)
-    if kind is not None:
-        what = "a TorchScript archive" if kind == "torchscript" else "a torch.export program"
-        raise DfkdError(f"{str(src)!r} is {what} (a graph, not weights of a dfkd architecture) and cannot "
-                        "be stored as a dfkd state_dict checkpoint; use it directly: "
-                        f"teacher.checkpoint={src}")  # fmt: skip
-    if not mean or not std:
-        raise DfkdError("dfkd convert needs --mean and --std: the normalization the model was trained with")
-    meta = _dfkd_meta(src)
-    if meta is not None and meta.get("arch") not in (None, arch):
-        raise DfkdError(f"--arch {arch} disagrees with the checkpoint's arch {meta['arch']}; "
-                        f"give --arch {meta['arch']}")  # fmt: skip
-    spec = conversion_spec(meta, shape, list(mean), list(std))
-    model = _load_for_conversion(src, arch, spec)
-    new_meta = {**(meta or {}), "arch": arch, **spec.as_meta(), "converted_from": str(src)}
-    return spec, _save_verified(model, new_meta, spec, out)
-
-
-def _load_for_conversion(src: Path, arch: str, spec: InputSpec) -> nn.Module:
-    import inspect
-
-    from dfkd.teachers import load_classifier
-
-    if "arch" in inspect.signature(load_classifier).parameters:
-        model, _ = load_classifier(src, arch=arch, shape=(spec.channels, spec.size, spec.num_classes))
-    elif _dfkd_meta(src) is not None:
-        model, _ = load_classifier(src)
-    else:
-        raise DfkdError(f"{str(src)!r} is a plain state_dict, and this dfkd's load_classifier reads only "
-                        "dfkd checkpoints; update dfkd to convert it")  # fmt: skip
-    if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
-        raise DfkdError(f"{str(src)!r} holds a graph, not weights: use it directly as "
-                        f"teacher.checkpoint={src}")  # fmt: skip
-    return model.eval().requires_grad_(False)
-
-
-def _save_verified(model: nn.Module, meta: dict, spec: InputSpec, out: Path) -> float:
-    from dfkd.teachers import save_classifier
-
-    x = verification_batch(spec)
-    with torch.no_grad():
-        expected = model(x)
-    tmp = _temp_beside(out)
-    try:
-        save_classifier(tmp, model, meta)
-        reloaded, _ = _load(tmp)
-        with torch.no_grad():
-            diff = _check_close(reloaded(x), expected)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return diff

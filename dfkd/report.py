@@ -161,7 +161,7 @@ def check_teachers(accs: list[float], archs: list[str], spec: InputSpec, source:
 
 
 def student_meta(arch: str, dataset: str, spec: InputSpec, acc: float | None, teacher_acc: float | None) -> dict:
-    """The student checkpoint's meta (the schema of dfkd.teachers), in the key order dfkd writes."""
+    """The student checkpoint's meta (the schema of dfkd.classifier_files), in the key order dfkd writes."""
     return {
         "arch": arch,
         "dataset": dataset,

@@ -6,7 +6,8 @@ import torch
 from dfkd.checkpoint import load_safe, save_atomic
 from dfkd.errors import DfkdError
 from dfkd.models import build_classifier
-from dfkd.teachers import load_classifier, save_classifier
+from dfkd.classifier_files import load_classifier
+from dfkd.teachers import save_classifier
 from dfkd.trainer import Trainer
 
 

@@ -259,7 +259,7 @@ def test_a_non_editable_install_ships_every_package_and_the_experiment_files(tmp
 
 
 def test_train_teacher_writes_a_checkpoint_with_metadata(tmp_path, capsys):
-    from dfkd.teachers import load_classifier
+    from dfkd.classifier_files import load_classifier
 
     path = tmp_path / "teacher.pt"
     args = ["train-teacher", "teacher.epochs=1", "teacher.arch=mlp", "--out", str(path), "--no-progress"]

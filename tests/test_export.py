@@ -1,5 +1,4 @@
 """Exported students load without dfkd and give the student's logits; a bad export leaves no file."""
-import inspect
 import json
 import subprocess
 import sys
@@ -7,10 +6,11 @@ import sys
 import pytest
 import torch
 
+from dfkd.classifier_files import load_classifier
 from dfkd.cli import main
 from dfkd.export import ATOL, RTOL, export_student, load_student, verification_batch
 from dfkd.models import build_classifier
-from dfkd.teachers import load_classifier, save_classifier
+from dfkd.teachers import save_classifier
 
 META = {"arch": "lenet5_half", "dataset": "mnist5k", "num_classes": 10, "in_channels": 1, "image_size": 32,
         "mean": [0.1307], "std": [0.3081], "test_acc": 12.5, "distilled": True}  # fmt: skip
@@ -177,11 +177,6 @@ def test_a_checkpoint_without_normalization_is_converted_then_exported(tmp_path,
     assert (tmp_path / "new.onnx").is_file()
 
 
-PLAIN_STATE_DICTS = "arch" in inspect.signature(load_classifier).parameters
-
-
-@pytest.mark.skipif(not PLAIN_STATE_DICTS, reason="dfkd.teachers.load_classifier(path, arch=..., shape=...) "
-                    "for plain state_dicts is not there yet; convert is written against it")  # fmt: skip
 def test_convert_a_plain_state_dict_into_a_dfkd_checkpoint(tmp_path, capsys):
     torch.manual_seed(1)
     model = build_classifier("lenet5", 3, 5, 32).eval()

@@ -13,11 +13,12 @@ import torch
 import torch.nn as nn
 
 from dfkd.checkpoint import load_safe
+from dfkd.classifier_files import check_runs, load_classifier
 from dfkd.config import DataConfig, TeacherConfig
 from dfkd.errors import DfkdError
 from dfkd.models import FORMS, build_classifier, classifier_names
 from dfkd.registry import Registry
-from dfkd.teachers import check_runs, get_teacher, load_classifier, save_classifier
+from dfkd.teachers import get_teacher, save_classifier
 
 SHAPE = (1, 32, 10)  # channels, size, num_classes
 ARCH = "torchvision.resnet18"
