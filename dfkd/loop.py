@@ -92,6 +92,7 @@ class Run:
         self.generator_resets = 0
         self.run_id = uuid.uuid4().hex[:8]
         self.stopped = False
+        self.resumed = False  # continues a checkpoint: the record past it is dropped and re-made
         self.saved_step: int | None = None  # the step of the checkpoint on disk
 
     @property
@@ -157,6 +158,7 @@ class Run:
 
     def resume(self, path: Path | None = None) -> int:
         """Continue from a checkpoint (by default the run's own); returns its rollback count."""
+        self.resumed = True
         return load_run_state(self, path or self.checkpoint_path)
 
     def _open_tracker(self) -> Tracker | NullTracker:
@@ -166,7 +168,7 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = config_to_dict(self.cfg)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        resume_step = self.iterations_done if self.iterations_done else None
+        resume_step = self.iterations_done if self.resumed else None
         return Tracker(self.run_dir, self.cfg.tracking, config, self.run_id, resume_step=resume_step)
 
     def _loop(self, stop: int, tracker: Tracker, bar, start: float) -> None:
