@@ -24,8 +24,18 @@ def test_demo_end_to_end_prints_the_table(tmp_path, capsys):
     for label in ["teacher acc", "student acc", "ratio", "wall time", "run dir", "W&B"]:
         assert label in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["iterations"] == 4 and 0 <= summary["student_acc"] <= 100
-    assert (out / "student.pt").exists() and (out / "config.yaml").exists()
+    assert summary["iterations"] == 4
+    # the printed table is the summary's figures, and the summary is the saved student's accuracy
+    assert f"{summary['student_acc']:7.2f} %" in printed and f"{summary['ratio']:7.3f}" in printed
+    from dfkd.data import load_dataset
+    from dfkd.config import load_config
+    from dfkd.evaluate import accuracy
+    from dfkd.export import load_student
+
+    student, _ = load_student(out)
+    assert accuracy(student, load_dataset(load_config(None).data).test) == summary["student_acc"]
+    assert summary["ratio"] == summary["student_acc"] / summary["teacher_acc"]
+    assert (out / "config.yaml").exists()
 
 
 def test_run_resume_and_refuse_to_clobber(tmp_path, capsys):
@@ -41,7 +51,10 @@ def test_run_resume_and_refuse_to_clobber(tmp_path, capsys):
     # --resume continues it to a longer budget
     assert main(["run", str(cfg), "--out", str(out), "--resume", "--iterations", "4", *TINY]) == 0
     assert json.loads((out / "summary.json").read_text())["iterations"] == 4
+    (out / "notes.txt").write_text("a file of the old run")
     assert main(["run", str(cfg), "--out", str(out), "--overwrite", *TINY]) == 0
+    assert not (out / "notes.txt").exists(), "--overwrite replaces the old run, it does not merge into it"
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -332,10 +345,10 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tmp_path)
     assert subprocess.run(dfkd(whole), capture_output=True).returncode == 0
     for name in ("student.pt", "checkpoints/last.pt"):
         a, b = load_safe(whole / name), load_safe(killed / name)
-        for part in ("state_dict", "student", "generator", "ema"):
-            if part in a:
-                assert a[part].keys() == b[part].keys()
-                assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), f"{name}: {part} differs"
+        parts = ("state_dict",) if name == "student.pt" else ("student", "generator", "ema")
+        for part in parts:  # a renamed key fails here rather than dropping the comparison
+            assert a[part].keys() == b[part].keys()
+            assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), f"{name}: {part} differs"
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(line)["step"] for line in (whole / "metrics.jsonl").read_text().splitlines()]
 
