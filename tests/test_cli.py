@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes, one-line errors, run directories, resume."""
 import json
+import pickle
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from dfkd.cli import main
 
@@ -57,6 +59,16 @@ def test_run_resume_and_refuse_to_clobber(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["iterations"] == 2
 
 
+class CallsCode:
+    """Pickles as a call of os.system (posix.system on Linux)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Good files a bad command must leave alone: a finished run, its experiment file, teachers."""
@@ -85,6 +97,15 @@ def workspace(tmp_path_factory):
     (root / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
     (root / "listrun" / "checkpoints").mkdir(parents=True)
     torch.save([1, 2, 3], root / "listrun" / "checkpoints" / "last.pt")
+    torch.save(build_classifier("lenet5", 1, 10, 32), root / "whole.pt")  # a pickled module
+    save_classifier(root / "nometa.pt", build_classifier("lenet5", 1, 10, 32), {"arch": "lenet5"})
+    (root / "system.pt").write_bytes(pickle.dumps(CallsCode(f"touch {root}/ran")))  # the snapshot sees "ran"
+    (root / "broken_net.py").write_text("raise ImportError('no module named torchfancy')\n")
+    (root / "other_net.py").write_text("import torch.nn as nn\nOther = nn.Linear\n")
+    for name, classes, mode in (("five_classes", 5, "L"), ("rgb_images", 10, "RGB")):
+        for c in range(classes):
+            (root / name / str(c)).mkdir(parents=True)
+            Image.new(mode, (28, 28)).save(root / name / str(c) / "0.png")
     return root
 
 
@@ -172,6 +193,32 @@ BAD_INPUT = {
                                "dfkd convert needs --mean and --std"),
     "convert without a shape": (["convert", "{w}/plain.pt", "--out", "{w}/new.pt", *CONVERT],
                                 "a plain state_dict records no input shape; give --channels"),
+    "state_dict fits no given arch": (["teacher.checkpoint={w}/plain.pt", "teacher.arch=mlp"],
+                                      "does not fit"),
+    "user file does not exist": (["student.arch={w}/no_net.py:Net"], "no_net.py"),
+    "user file fails on import": (["student.arch={w}/broken_net.py:Net"], "no module named torchfancy"),
+    "user file lacks the name": (["student.arch={w}/other_net.py:Net"], "has no 'Net'"),
+    "input spec disagrees with the meta": (["teacher.checkpoint={w}/good.pt", "input.num_classes=5"],
+                                           "input.num_classes=5 disagrees with teacher"),
+    "TorchScript teacher's real input": (["data.name=none", "teacher.checkpoint={w}/teacher.ts", "input.channels=3",
+                                          "input.mean=[0.5,0.5,0.5]", "input.std=[0.5,0.5,0.5]",
+                                          "input.num_classes=10"], "does not take 3×32×32 inputs"),
+    "eval folder of other classes": (["eval.folder={w}/five_classes"], "5 class folders"),
+    "eval images of other channels": (["eval.folder={w}/rgb_images"], "has 3 channel(s) but the teacher takes 1"),
+    "missing normalization": (["teacher.checkpoint={w}/plain.pt", "teacher.arch=lenet5"],
+                              "does not record the input normalization it was trained with: set input.mean"),
+    "pickled module without opt-in": (["teacher.checkpoint={w}/whole.pt"],
+                                      "holds a whole pickled module"),
+    "pickle that calls code": (["teacher.checkpoint={w}/system.pt"], "holds code (posix.system) and was refused"),
+    "meta lacks keys": (["teacher.checkpoint={w}/nometa.pt"], "in_channels"),
+    "NaN learning rate": (["student_optim.lr=.nan"], "student_optim.lr must be a finite number, got nan"),
+    "NaN temperature": (["method.temperature=.nan"], "method.temperature must be a finite number"),
+    "NaN grad clip": (["student_optim.grad_clip=.nan"], "student_optim.grad_clip must be a finite number"),
+    "infinite learning rate": (["generator_optim.lr=1e400"], "generator_optim.lr must be a finite number, got inf"),
+    "negative weight decay": (["student_optim.weight_decay=-1"],
+                              "student_optim.weight_decay must be 0 (off) or positive, got -1"),
+    "beta outside [0, 1)": (["student_optim.betas=[2.0, 0.999]"], "student_optim.betas[0] must be in [0, 1), got 2.0"),
+    "unknown collapse action": (["train.collapse_action=panic"], "train.collapse_action must be one of reinit, warn"),
     "convert another arch": (["convert", "{w}/good.pt", "--out", "{w}/new.pt", "--arch", "mlp", *CONVERT[2:]],
                              "--arch mlp disagrees with the checkpoint's arch lenet5"),
 }  # fmt: skip
