@@ -6,6 +6,7 @@ features the feature term reads. A single teacher is a pool of one.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ class Strategy:
         # The teachers the feature term may read (none where the logits of several are mixed).
         self.feature_sources = list(range(n))
 
-    def choose(self, step: int, rng: torch.Generator) -> Choice:
+    def choose(self, step: int, rng: random.Random) -> Choice:
         raise NotImplementedError
 
 
@@ -42,7 +43,7 @@ class RandomTeacher(Strategy):
     def choose(self, step, rng):
         if self.n == 1:  # no draw: nothing to choose, and no tensor to read back
             return Choice({0: 1.0}, 0)
-        i = int(torch.randint(self.n, (1,), generator=rng))
+        i = rng.randrange(self.n)  # a host-side draw: no tensor is read back
         return Choice({i: 1.0}, i)
 
 
@@ -125,7 +126,7 @@ class TeacherPool:
             if not _same(meta, spec):
                 renormalize_inputs(model, spec.mean, spec.std, meta["mean"], meta["std"])
         self.strategy = STRATEGIES.get(cfg.strategy)(len(models), cfg)
-        self.rng = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)
         self.uses = [0] * len(models)
 
     def __len__(self) -> int:
@@ -149,10 +150,15 @@ class TeacherPool:
         return Ensemble(self.models, [1.0 / len(self)] * len(self))
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.get_state(), "uses": torch.tensor(self.uses)}
+        version, internal, gauss = self.rng.getstate()
+        return {"rng_state": [version, list(internal), gauss], "uses": torch.tensor(self.uses)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.set_state(state["rng"])
+        if "rng_state" in state:
+            version, internal, gauss = state["rng_state"]
+            self.rng.setstate((version, tuple(internal), gauss))
+        else:  # a checkpoint from before host-side draws: continue from a stream seeded by its state
+            self.rng.seed(int(state["rng"].sum()))
         self.uses = state["uses"].tolist()
 
 
