@@ -1,5 +1,6 @@
-"""One torchrun process of tests/test_distributed.py: the real `dfkd run`, and on the way out each
-rank saves its own student weights and latent generator state (rank 0 alone writes the run)."""
+"""One torchrun process of tests/test_distributed.py: the real `dfkd run`. Each rank keeps the
+batches its student steps drew and, on the way out, saves them with its own student weights
+(rank 0 alone writes the run)."""
 import os
 import sys
 from pathlib import Path
@@ -7,18 +8,28 @@ from pathlib import Path
 import torch
 
 from dfkd import cli
-from dfkd.trainer import Trainer
+from dfkd.batches import StudentBatches
+from dfkd.loop import Run
 
 dump = Path(os.environ["DFKD_TEST_DUMP"])
-finish = Trainer.finish
+rank = os.environ["RANK"]
+drawn = []
+draw, finish = StudentBatches.draw, Run.finish
+
+
+def draw_and_keep(self, latest, teacher):
+    batch = draw(self, latest, teacher)
+    drawn.append(batch[0].clone())
+    return batch
 
 
 def finish_and_dump(self, tracker):
-    rank = os.environ["RANK"]
-    torch.save({k: v.clone() for k, v in self.student.state_dict().items()}, dump / f"student_rank{rank}.pt")
-    torch.save(self.latent_rng.get_state(), dump / f"latent_rank{rank}.pt")
+    student = self.game.student.state_dict()
+    torch.save({k: v.clone() for k, v in student.items()}, dump / f"student_rank{rank}.pt")
+    torch.save(torch.stack(drawn), dump / f"batches_rank{rank}.pt")
     return finish(self, tracker)
 
 
-Trainer.finish = finish_and_dump
+StudentBatches.draw = draw_and_keep
+Run.finish = finish_and_dump
 sys.exit(cli.main(sys.argv[1:]))

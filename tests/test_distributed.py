@@ -35,8 +35,11 @@ def test_two_gloo_processes_keep_the_students_identical(tmp_path, method):
     # DDP averaged the gradients: after six iterations the ranks hold the same student, bit for bit...
     s0, s1 = (torch.load(dump / f"student_rank{r}.pt") for r in (0, 1))
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
-    # ...although each drew its own synthetic batches.
-    assert not torch.equal(torch.load(dump / "latent_rank0.pt"), torch.load(dump / "latent_rank1.pt"))
+    # ...although each trained on its own synthetic batches: as many, of the same shape, none shared.
+    b0, b1 = (torch.load(dump / f"batches_rank{r}.pt") for r in (0, 1))
+    steps = 6 * 5  # train.iterations x method.n_student_steps (the default, 5)
+    assert b0.shape == b1.shape == (steps, 16, 1, 32, 32)
+    assert not any(torch.equal(b0[i], b1[j]) for i in range(steps) for j in range(steps))
     # Rank 0 alone wrote the run: one record per logged step, one summary, one table on stdout.
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss_S" in r] == [2, 4, 6]

@@ -114,23 +114,49 @@ def test_every_registered_feature_term_has_a_golden_test():
 
 
 @pytest.mark.parametrize("loss", ["hint", "gram", "rkd_angle"])
-def test_feature_terms_train_in_a_run_with_adapters_where_needed(tiny, tmp_path, loss):
-    from dfkd.trainer import Trainer
-
-    cfg = tiny(method={"features": [["features.5", "features.5"], ["classifier.1", "classifier.1"]], "feature_loss": loss,
-                       "feature_weight": 1.0})  # fmt: skip
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    adapters = [type(a).__name__ for a in trainer.feature_adapters]
-    assert adapters == (["Adapter", "Adapter"] if loss in ("hint", "gram") else ["Identity", "Identity"])
-    x, t = trainer.synthesize()
-    losses, _ = trainer.student_step(x, t)
+def test_feature_terms_train_in_a_run_with_adapters_where_needed(tiny, tmp_path, run_of, loss):
+    # lenet5_half has half the teacher's channels at both layers: shapes differ
+    cfg = tiny(method={"features": [["features.5", "features.5"], ["classifier.1", "classifier.1"]],
+                       "feature_loss": loss, "feature_weight": 1.0})  # fmt: skip
+    run = run_of(cfg, tmp_path)
+    game = run.game
+    adapters = game.method.feature_adapters
+    assert [type(a).__name__ for a in adapters] == (["Adapter", "Adapter"] if loss in ("hint", "gram")
+                                                     else ["Identity", "Identity"])  # fmt: skip
+    x, t = game.synthesize()
+    losses, _ = game.student_step(x, t)
     assert losses["feature"] > 0
-    assert all(p.grad is not None for p in trainer.feature_adapters.parameters())
-    assert trainer.fit()["iterations"] == 4
+    if loss in ("hint", "gram"):
+        trained = {id(p) for p in game.student_player.params}
+        params = list(adapters.parameters())
+        assert params and all(id(p) in trained for p in params), "the student's optimizer trains the adapters"
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    else:
+        assert not list(adapters.parameters())
+    assert run.fit()["iterations"] == 4
 
 
-def test_attention_transfer_refuses_flat_layers(tiny, tmp_path):
-    from dfkd.trainer import Trainer
+def test_the_feature_term_alone_trains_the_adapters_and_the_student_not_the_generator(tiny, tmp_path, run_of):
+    pairs = [["features.5", "features.5"], ["classifier.1", "classifier.1"]]
+    method = {"features": pairs, "feature_loss": "hint", "feature_weight": 1.0}
+    game = run_of(tiny(method=method), tmp_path).game
+    x, teacher_logits = game.synthesize()
+    with capture(game.student, [s for s, _ in pairs]) as fs:
+        logits = game.student_player.forward(x)
+    with torch.no_grad(), capture(game.teacher, [t for _, t in pairs]) as ft:
+        game.teacher(x)
+    feature = game.method.student_losses(logits, teacher_logits, game.method.feature_pairs(fs, ft))["feature"]
 
-    with pytest.raises(DfkdError, match=r"feature_loss=at compares spatial maps, but 'classifier.1' gives \(42,\)"):
-        Trainer(tiny(method={"features": [["classifier.1", "classifier.1"]]}), tmp_path, progress=False)
+    def reached(params):
+        found = torch.autograd.grad(feature, list(params), retain_graph=True, allow_unused=True)
+        return [g is not None and bool(g.abs().sum() > 0) for g in found]
+
+    assert all(reached(game.method.feature_adapters.parameters()))
+    assert any(reached(game.student.parameters()))
+    assert not any(reached(game.generator.parameters()))
+
+
+def test_attention_transfer_refuses_flat_layers(tiny, tmp_path, run_of):
+    message = r"feature_loss=at compares spatial maps, but 'classifier.1' gives \(42,\)"
+    with pytest.raises(DfkdError, match=message):
+        run_of(tiny(method={"features": [["classifier.1", "classifier.1"]]}), tmp_path)

@@ -6,7 +6,6 @@ import torch
 
 from dfkd.errors import DfkdError
 from dfkd.health import CollapseMonitor, first_non_finite
-from dfkd.trainer import Trainer
 
 
 def records(run_dir):
@@ -17,57 +16,61 @@ def test_first_non_finite_names_the_culprit():
     model = torch.nn.Linear(2, 2)
     losses = {"train/loss_S": torch.tensor(1.0), "train/loss_G": torch.tensor(2.0)}
     assert first_non_finite(losses, {"student": model}) is None
-    assert first_non_finite({**losses, "train/loss_G": torch.tensor(float("inf"))}, {"student": model}) == "train/loss_G"
+    infinite = {**losses, "train/loss_G": torch.tensor(float("inf"))}
+    assert first_non_finite(infinite, {"student": model}) == "train/loss_G"
     with torch.no_grad():
         model.bias[1] = float("nan")
     assert first_non_finite(losses, {"student": model}) == "student parameters"
 
 
 class Poison:
-    """Wraps Trainer.iteration: at step `at`, put a NaN into one student weight, once or every time
-    the run passes that step (after each rollback)."""
+    """Wraps Run.step: at step `at`, put a NaN into one student weight, once or every time the run
+    passes that step (after each rollback)."""
 
-    def __init__(self, trainer, at, every_time=False):
-        self.trainer, self.at, self.every_time, self.inner = trainer, at, every_time, trainer.iteration
-        trainer.iteration = self
+    def __init__(self, run, at, every_time=False):
+        self.run, self.at, self.every_time, self.inner = run, at, every_time, run.step
+        run.step = self
 
     def __call__(self):
         out = self.inner()
-        if self.trainer.step + 1 == self.at:  # the step this iteration completes
+        if self.run.iterations_done == self.at:  # the step this iteration completed
             with torch.no_grad():
-                next(self.trainer.student.parameters()).view(-1)[0] = float("nan")
+                next(self.run.game.student.parameters()).view(-1)[0] = float("nan")
             self.at = self.at if self.every_time else None
         return out
 
 
-def test_a_nan_in_the_student_is_caught_and_rolled_back(tiny, tmp_path):
-    cfg = tiny(train={"iterations": 8, "log_every": 2, "checkpoint_every": 4, "eval_every": 8, "sample_every": 8})
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    lr_before = trainer.cfg.student_optim.lr
-    Poison(trainer, at=5)
-    summary = trainer.fit()
-    assert summary["iterations"] == 8 and trainer.rollbacks == 1
-    assert trainer.non_finite({}) is None
+def test_a_nan_in_the_student_is_caught_and_rolled_back(tiny, tmp_path, run_of):
+    cfg = tiny(train={"iterations": 8, "log_every": 2, "checkpoint_every": 4, "eval_every": 8,
+                      "sample_every": 8})  # fmt: skip
+    run = run_of(cfg, tmp_path)
+    lr_before = run.cfg.student_optim.lr
+    Poison(run, at=5)
+    summary = run.fit()
+    assert summary["iterations"] == 8 and run.rollbacks == 1
+    assert run.non_finite({}) is None
     # caught at the first log step after the NaN (6), rolled back to the checkpoint at 4
     rollback = [r for r in records(tmp_path) if "health/rollbacks" in r]
     assert rollback == [{"step": 4, "health/rollbacks": 1, "health/diverged_at": 6}]
     # learning rates halved: the schedule's base rate and the optimizer's current one
-    assert trainer.sched_s.base_lrs == [lr_before * 0.5]
-    assert trainer.sched_g.base_lrs == [trainer.cfg.generator_optim.lr * 0.5]
+    players = run.game.players
+    assert players["s"].schedule.base_lrs == [lr_before * 0.5]
+    assert players["g"].schedule.base_lrs == [run.cfg.generator_optim.lr * 0.5]
     steps = [r["step"] for r in records(tmp_path) if "train/loss_S" in r]
     assert steps == [2, 4, 6, 8], "records past the checkpoint were dropped and logged again"
-    assert all(torch.isfinite(v).all() for v in trainer.deployed_student.state_dict().values() if v.is_floating_point())
+    deployed = run.game.deployed_student.state_dict().values()
+    assert all(torch.isfinite(v).all() for v in deployed if v.is_floating_point())
 
 
-def test_persistent_divergence_stops_with_a_clear_error_and_keeps_the_good_checkpoint(tiny, tmp_path):
+def test_persistent_divergence_stops_with_a_clear_error_and_keeps_the_good_checkpoint(tiny, tmp_path, run_of):
     cfg = tiny(train={"iterations": 8, "max_rollbacks": 2, "checkpoint_every": 2})
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    Poison(trainer, at=3, every_time=True)
+    run = run_of(cfg, tmp_path)
+    Poison(run, at=3, every_time=True)
     with pytest.raises(DfkdError, match=r"diverged: non-finite .* at step 4, after 2 rollback\(s\); lower"):
-        trainer.fit()
+        run.fit()
     from dfkd.checkpoint import load_safe
 
-    good = load_safe(trainer.checkpoint_path)
+    good = load_safe(run.checkpoint_path)
     assert good["step"] == 2
     assert all(torch.isfinite(v).all() for v in good["student"].values() if v.is_floating_point())
 
@@ -79,17 +82,18 @@ def test_collapse_monitor_needs_a_sustained_streak():
     ]  # fmt: skip
 
 
-def test_a_collapsed_generator_is_flagged(tiny, tmp_path, capsys):
+def test_a_collapsed_generator_is_flagged(tiny, tmp_path, run_of, capsys):
     class OneClassTeacher(torch.nn.Module):
         def forward(self, x):
             logits = torch.zeros(x.shape[0], 10)
             logits[:, 3] = 5.0
             return logits + 0 * x.sum()  # keeps the generator's graph connected
 
-    cfg = tiny(train={"iterations": 6, "log_every": 1, "collapse_patience": 2})
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    trainer.pool.models = [OneClassTeacher()]
-    trainer.fit()
+    # collapse_action warn: flagged and warned about, the generator left as it is
+    cfg = tiny(train={"iterations": 6, "log_every": 1, "collapse_patience": 2, "collapse_action": "warn"})
+    run = run_of(cfg, tmp_path)
+    run.game.pool.models = [OneClassTeacher()]  # the pool picks each iteration's teacher from these
+    run.fit()
     flags = [r["health/collapse"] for r in records(tmp_path) if "health/collapse" in r]
     assert flags == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     err = capsys.readouterr().err

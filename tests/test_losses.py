@@ -65,7 +65,8 @@ def test_prior_golden_values():
     assert PRIORS.get("onehot")(logits).item() == pytest.approx(expected, rel=1e-9)
     # balance: log K + sum p̄ log p̄, zero for a perfectly balanced batch
     mean = np.mean([softmax(row, 1.0) for row in T], axis=0)
-    assert PRIORS.get("balance")(logits).item() == pytest.approx(math.log(3) + float(np.sum(mean * np.log(mean))), rel=1e-9)
+    expected = math.log(3) + float(np.sum(mean * np.log(mean)))
+    assert PRIORS.get("balance")(logits).item() == pytest.approx(expected, rel=1e-9)
     assert PRIORS.get("balance")(torch.eye(3) * 50).item() == pytest.approx(0.0, abs=1e-9)
 
 
@@ -86,12 +87,15 @@ def test_bn_prior_golden_value_and_gradient():
 
     rng = np.random.default_rng(0)
     x4, x2 = rng.normal(size=(5, 3, 4, 4)), rng.normal(2.0, 3.0, size=(5, 6))
-    stats = [(x4, rng.normal(size=3), rng.uniform(0.5, 2, size=3)), (x2, rng.normal(size=6), rng.uniform(0.5, 2, size=6))]
+    stats = [(x4, rng.normal(size=3), rng.uniform(0.5, 2, size=3)),
+             (x2, rng.normal(size=6), rng.uniform(0.5, 2, size=6))]  # fmt: skip
     expected = 0.0
     for x, rm, rv in stats:
         axes = (0, 2, 3) if x.ndim == 4 else (0,)
-        expected += np.sqrt(((x.mean(axis=axes) - rm) ** 2).sum()) + np.sqrt(((x.var(axis=axes) - rv) ** 2).sum())
-    inputs = [(torch.tensor(x, requires_grad=True), torch.tensor(rm), torch.tensor(rv)) for x, rm, rv in stats]
+        expected += np.sqrt(((x.mean(axis=axes) - rm) ** 2).sum())
+        expected += np.sqrt(((x.var(axis=axes) - rv) ** 2).sum())
+    inputs = [(torch.tensor(x, requires_grad=True), torch.tensor(rm), torch.tensor(rv))
+              for x, rm, rv in stats]  # fmt: skip
     got = PRIORS.get("bn")(torch.zeros(5, 10, dtype=torch.double), bn_inputs=inputs)
     assert got.item() == pytest.approx(expected, rel=1e-10)
     def prior(a, b):
@@ -100,43 +104,74 @@ def test_bn_prior_golden_value_and_gradient():
     assert torch.autograd.gradcheck(prior, (inputs[0][0], inputs[1][0]))
 
 
-def test_bn_prior_reaches_the_generator_through_a_batchnorm_teacher(tiny, tmp_path):
-    from dfkd.trainer import Trainer
+def weight_grads(module):
+    """The gradient of each weight matrix or kernel (biases feeding a BatchNorm get none by design)."""
+    return {name: p.grad for name, p in module.named_parameters() if name.endswith("weight")}
 
-    trainer = Trainer(tiny(teacher={"arch": "resnet8"}, method={"priors": {"bn": 1.0}}), tmp_path, progress=False)
-    losses, _ = trainer.generator_step()
+
+def prior_alone(tiny, run_of, tmp_path, prior, **sections):
+    """A generator step whose only gradient is the prior's (adversarial_weight 0), and its batch."""
+    game = run_of(tiny(method={"priors": {prior: 1.0}, "adversarial_weight": 0.0}, **sections), tmp_path).game
+    losses, (x, _) = game.generator_step()
+    assert torch.equal(losses["loss"], losses[f"prior_{prior}"])
+    found = weight_grads(game.generator)
+    assert found and all(g is not None and g.abs().sum() > 0 for g in found.values()), found.keys()
+    # the prior's tap keeps the images' graph: the term alone has a gradient in them
+    leaf = x.clone().requires_grad_(True)
+    teacher_logits, taps = game.method.teacher_forward(game.teacher, leaf, game.phases)
+    term = game.method.generator_losses(game.student(leaf), teacher_logits, **taps)[f"prior_{prior}"]
+    (image_grad,) = torch.autograd.grad(term, leaf)
+    assert image_grad.abs().sum() > 0
+    return game, losses, x
+
+
+def test_bn_prior_alone_reaches_the_generator_through_a_batchnorm_teacher(tiny, tmp_path, run_of):
+    from dfkd.features import batchnorm_layers, capture
+
+    game, losses, x = prior_alone(tiny, run_of, tmp_path, "bn", teacher={"arch": "resnet8"})
     assert losses["prior_bn"] > 0
-    assert all(p.grad is not None for p in trainer.generator.parameters())
+    # golden value: the teacher's BatchNorm inputs on the step's batch against its running statistics
+    layers = batchnorm_layers(game.teacher)
+    with torch.no_grad(), capture(game.teacher, list(layers), inputs=True) as inputs:
+        game.teacher(x)
+    expected = 0.0
+    for path, bn in layers.items():
+        a = inputs[path].double().numpy()
+        axes = (0, 2, 3) if a.ndim == 4 else (0,)
+        expected += np.linalg.norm(a.mean(axis=axes) - bn.running_mean.double().numpy())
+        expected += np.linalg.norm(a.var(axis=axes) - bn.running_var.double().numpy())
+    assert len(layers) > 1 and losses["prior_bn"].item() == pytest.approx(expected, rel=1e-4)
     with pytest.raises(DfkdError, match=r"no teacher has BatchNorm layers \(lenet5\); drop the bn prior"):
-        Trainer(tiny(method={"priors": {"bn": 1.0}}), tmp_path, progress=False)
+        run_of(tiny(method={"priors": {"bn": 1.0}}), tmp_path)
 
 
-def test_activation_prior_golden_value_and_run(tiny, tmp_path):
+def test_activation_prior_golden_value_and_run(tiny, tmp_path, run_of):
     from dfkd.losses import PRIORS
-    from dfkd.trainer import Trainer
 
     act = torch.tensor([[1.0, -2.0], [0.5, 0.0]], requires_grad=True)
     got = PRIORS.get("activation")(torch.zeros(2, 3), activation=act)
     assert got.item() == pytest.approx(-(1 + 2 + 0.5 + 0) / 4)
     got.backward()
     assert torch.equal(act.grad, torch.tensor([[-0.25, 0.25], [-0.25, 0.0]]))
-    trainer = Trainer(tiny(method={"priors": {"activation": 0.1}, "activation_layer": "classifier.1"}), tmp_path, progress=False)
-    losses, _ = trainer.generator_step()
+    method = {"priors": {"activation": 0.1}, "activation_layer": "classifier.1"}
+    game = run_of(tiny(method=method), tmp_path).game
+    losses, _ = game.generator_step()
     assert losses["prior_activation"] < 0
     with pytest.raises(DfkdError, match="set method.activation_layer"):
-        Trainer(tiny(method={"priors": {"activation": 0.1}}), tmp_path, progress=False)
+        run_of(tiny(method={"priors": {"activation": 0.1}}), tmp_path)
 
 
-def test_total_variation_prior_golden_value_and_run(tiny, tmp_path):
+def test_total_variation_prior_golden_value_and_run(tiny, tmp_path, run_of):
     from dfkd.losses import PRIORS
-    from dfkd.trainer import Trainer
 
     image = [[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]  # horizontal steps 1, 2, 0, 0; vertical 2, 1, 1
     x = torch.tensor([[image]], dtype=torch.double, requires_grad=True)
     got = PRIORS.get("tv")(torch.zeros(1, 3), images=x)
     assert got.item() == pytest.approx(((1 + 2 + 0 + 0) / 4 + (2 + 1 + 1) / 3) / 2)
-    assert torch.autograd.gradcheck(lambda a: PRIORS.get("tv")(a.new_zeros(1, 1), images=a), (x + 0.1 * torch.arange(6.0).view(1, 1, 2, 3),))
-    trainer = Trainer(tiny(method={"priors": {"tv": 1.0}}), tmp_path, progress=False)
-    losses, _ = trainer.generator_step()
+    uneven = x + 0.1 * torch.arange(6.0).view(1, 1, 2, 3)
+    assert torch.autograd.gradcheck(lambda a: PRIORS.get("tv")(a.new_zeros(1, 1), images=a), (uneven,))
+    _, losses, x = prior_alone(tiny, run_of, tmp_path, "tv")
     assert losses["prior_tv"] > 0
-    assert all(p.grad is not None for p in trainer.generator.parameters())
+    a = x.double().numpy()
+    expected = (np.abs(np.diff(a, axis=-1)).mean() + np.abs(np.diff(a, axis=-2)).mean()) / 2
+    assert losses["prior_tv"].item() == pytest.approx(expected, rel=1e-5)

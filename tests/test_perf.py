@@ -1,4 +1,6 @@
 """Fast paths (config `perf`), the inner loop's freedom from host syncs, and `dfkd bench`."""
+import copy
+import json
 import os
 import re
 import subprocess
@@ -12,23 +14,26 @@ import dfkd
 import discriminators
 import generators
 from dfkd.bench import NO_FAST_PATHS, PlainLoop, plain_config
+from dfkd.checkpoint import load_safe
 from dfkd.cli import main
 from dfkd.config import with_settings
 from dfkd.errors import DfkdError
-from dfkd.trainer import Trainer
 
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
-OWN_CODE = tuple(str(Path(package.__file__).parent) + os.sep for package in (dfkd, generators, discriminators))
+OWN_CODE = tuple(str(Path(package.__file__).parent) + os.sep
+                 for package in (dfkd, generators, discriminators))  # fmt: skip
 
 
-@pytest.mark.parametrize("method", [{}, {"name": "gankd"}, {"replay_size": 64, "generator_ema": 0.9, "student_shift": 2}])
-def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(tiny, tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method", [
+    {}, {"name": "gankd"}, {"replay_size": 64, "generator_ema": 0.9, "student_shift": 2},
+])  # fmt: skip
+def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(tiny, tmp_path, run_of, monkeypatch, method):
     """No .item()/.tolist()/bool(tensor) in dfkd's own inner-loop code (torch's optimizers read their
     CPU step counters, which is no device sync); on CUDA, torch's sync debug mode checks the rest."""
-    trainer = Trainer(tiny(method=method), tmp_path, progress=False)
-    trainer.iteration()  # warm-up
+    run = run_of(tiny(method=method), tmp_path)
+    run.step()  # warm-up
     calls = []
 
     def spy(name, original):
@@ -46,58 +51,96 @@ def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(tiny, tmp_path, mo
         torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            trainer.iteration()
+            run.step()
     finally:
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode("default")
     assert calls == []
 
 
-def test_bf16_autocast_runs_the_forward_passes_in_bf16_and_the_losses_in_float32(tiny, tmp_path):
-    trainer = Trainer(tiny(perf={"autocast": "bf16"}), tmp_path, progress=False)
+def test_bf16_autocast_runs_the_forward_passes_in_bf16_and_the_losses_in_float32(tiny, tmp_path, run_of):
+    run = run_of(tiny(perf={"autocast": "bf16"}), tmp_path)
     seen = []
-    trainer.student.classifier[-1].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    metrics = trainer.iteration()
+    run.game.student.classifier[-1].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    metrics = run.step()
     assert set(seen) == {torch.bfloat16}
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in metrics.values())
-    x, logits = trainer.synthesize()
+    x, logits = run.game.synthesize()
     assert x.dtype == logits.dtype == torch.float32  # what replay memory and sample grids keep
 
 
-def test_fast_paths_are_applied_and_compute_the_same_first_step(tiny, tmp_path):
-    fast = Trainer(tiny(perf={"channels_last": True, "fused_optimizers": True}), tmp_path / "fast", progress=False)
-    slow = Trainer(tiny(perf={"channels_last": False}), tmp_path / "slow", progress=False)
-    assert fast.opt_s.defaults["fused"] and fast.opt_g.defaults["fused"]
-    conv = fast.generator.block1[0].weight
+def test_fast_paths_are_applied_and_compute_the_same_first_step(tiny, tmp_path, run_of):
+    fast = run_of(tiny(perf={"channels_last": True, "fused_optimizers": True}), tmp_path / "fast")
+    slow = run_of(tiny(perf={"channels_last": False}), tmp_path / "slow")
+    players = fast.game.players
+    assert players["s"].optimizer.defaults["fused"] and players["g"].optimizer.defaults["fused"]
+    conv = fast.game.generator.block1[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    fast.iteration()
-    slow.iteration()
-    for a, b in zip(fast.student.parameters(), slow.student.parameters()):
+    fast.step()
+    slow.step()
+    for a, b in zip(fast.game.student.parameters(), slow.game.student.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_a_run_resumes_with_other_fast_paths(tiny, tmp_path):
-    Trainer(tiny(perf={"channels_last": True}), tmp_path, progress=False).fit(stop_at=2)
-    resumed = Trainer(tiny(perf={"channels_last": False, "fused_optimizers": True}), tmp_path, progress=False)
-    resumed.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+def test_a_run_resumes_with_other_fast_paths(tiny, tmp_path, run_of):
+    full = run_of(tiny(perf={"channels_last": True}), tmp_path / "full")
+    full.fit()
+    run_of(tiny(perf={"channels_last": True}), tmp_path / "split").fit(stop_at=2)
+    resumed = run_of(tiny(perf={"channels_last": False, "fused_optimizers": True}), tmp_path / "split")
+    resumed.resume(tmp_path / "split" / "checkpoints" / "last.pt")
+    # the saved state, bit for bit, in networks laid out and optimized differently
+    saved = load_safe(resumed.checkpoint_path)
+    assert resumed.iterations_done == saved["step"] == 2
+    for name, net in resumed.game.networks.items():
+        assert all(torch.equal(v, saved[name][k]) for k, v in net.state_dict().items()), name
     assert resumed.fit()["iterations"] == 4
+    # ...and from there the same run: other kernels round differently, so close rather than equal.
+    for name in ("student", "ema"):
+        mine = resumed.game.networks[name].state_dict()
+        for k, v in full.game.networks[name].state_dict().items():
+            assert torch.allclose(v, mine[k], rtol=1e-3, atol=1e-5), f"{name}.{k}"
+    # The generator by what it draws: the biases ahead of its BatchNorm layers have no effect on it
+    # (Adam moves them by rounding noise alone).
+    z = torch.randn(16, full.cfg.generator.latent_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        drawn = [copy.deepcopy(r.game.generator).train()(z) for r in (full, resumed)]
+    assert torch.allclose(*drawn, rtol=1e-3, atol=1e-4)
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if "train/loss_S" in line]
+    assert steps == [2, 4]
 
 
-def test_the_plain_loop_runs_the_trainers_algorithm(tiny, tmp_path):
+def test_the_plain_loop_runs_dfkds_algorithm(tiny, tmp_path, run_of):
     cfg = with_settings(plain_config(tiny(method={"loss": "l1"})), NO_FAST_PATHS)
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    plain = PlainLoop(cfg, trainer.teacher, trainer.dataset.info, trainer.device)
-    for a, b in zip(plain.student.parameters(), trainer.student.parameters()):
+    run = run_of(cfg, tmp_path)
+    game = run.game
+    plain = PlainLoop(cfg, game.teacher, run.parts.spec, run.device)
+    for a, b in zip(plain.student.parameters(), game.student.parameters()):
         assert torch.equal(a, b)  # same initial weights
+    # dfkd's generator step leaves the student's gradients as the last student step left them
+    untouched = []
+    generator_step = game.generator_player.step
+
+    def spied(loss):
+        before = [None if p.grad is None else p.grad.clone() for p in game.student.parameters()]
+        generator_step(loss)
+        after = [p.grad for p in game.student.parameters()]
+        same = [(a is None) == (b is None) and (a is None or torch.equal(a, b))
+                for a, b in zip(before, after)]  # fmt: skip
+        untouched.append(all(same))
+
+    game.generator_player.step = spied
     for _ in range(2):
         plain.iteration()
-        trainer.iteration()
-    for mine, theirs in [(trainer.student, plain.student), (trainer.generator, plain.generator)]:
+        run.step()
+    for mine, theirs in [(game.student, plain.student), (game.generator, plain.generator)]:
         for a, b in zip(mine.parameters(), theirs.parameters()):
             assert torch.allclose(a, b, atol=1e-6)
-    # The reference computes the teacher's parameter gradients and throws them away; dfkd never does.
+    # The reference computes the teacher's parameter gradients and throws them away; dfkd never does:
+    # its teacher is frozen, and its generator step backpropagates into the generator alone.
     assert all(p.grad is not None for p in plain.teacher.parameters())
-    assert all(p.grad is None for p in trainer.teacher.parameters())
+    assert not any(p.requires_grad for p in game.teacher.parameters())
+    assert untouched == [True, True] and all(p.grad is not None for p in game.student.parameters())
 
 
 def test_bench_refuses_what_the_plain_loop_cannot_mirror(tiny):
@@ -105,18 +148,51 @@ def test_bench_refuses_what_the_plain_loop_cannot_mirror(tiny):
         plain_config(tiny(method={"priors": {"balance": 1.0}}))
 
 
+RATE = re.compile(r"(?P<name>\S.*?) +(?P<rate>\d+\.\d) +(?P<ratio>\d+\.\d\d)")
+# A row of the phase table: name, ms, share, then the achieved GFLOP/s columns.
+PHASE = re.compile(r"  (?P<name>\S.*?) +(?P<ms>\d+\.\d) ms +(?P<share>\d+\.\d) %.*")
+
+
+def rate_table(lines) -> dict[str, tuple[float, float]]:
+    """The bench's rate table: contender -> (images/s, rate relative to the plain loop), checked
+    for consistency: positive rates, and each ratio the contender's rate over the plain loop's."""
+    rows = {m["name"]: (float(m["rate"]), float(m["ratio"])) for m in map(RATE.fullmatch, lines) if m}
+    reference, one = rows["plain loop (reference)"]
+    assert one == 1.0 and all(rate > 0 and ratio > 0 for rate, ratio in rows.values()), rows
+    for name, (rate, ratio) in rows.items():
+        assert ratio == pytest.approx(rate / reference, abs=0.01), name
+    return rows
+
+
+def check_speedup_line(lines, rows) -> None:
+    """The last line repeats the configured run's ratio to the plain loop."""
+    last = re.fullmatch(r"speedup: (\d+\.\d\d)", lines[-1])
+    assert last, lines[-1]
+    assert float(last[1]) == rows["dfkd as configured"][1] and float(last[1]) > 0
+
+
 def test_bench_prints_rates_phases_and_the_speedup_last(capsys):
-    argv = ["bench", "--iterations", "1", "--repeats", "1", "--no-variants", "teacher.epochs=1", "generator.width=4",
-            "train.batch_size=16"]
+    argv = ["bench", "--iterations", "1", "--repeats", "1", "--no-variants", "teacher.epochs=1",
+            "generator.width=4", "train.batch_size=16"]
     assert main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"speedup: \d+\.\d\d", out[-1])
+    rows = rate_table(out)
+    assert set(rows) == {"plain loop (reference)", "dfkd as configured"}
+    check_speedup_line(out, rows)
     text = "\n".join(out)
     for row in ("plain loop (reference)", "dfkd as configured", "generator forward", "teacher forward",
-                "student forward", "backward (generator step)", "backward (student step)", "optimizer", "framework overhead"):
+                "student forward", "backward (generator step)", "backward (student step)", "optimizer",
+                "framework overhead"):  # fmt: skip
         assert row in text, row
-    shares = [float(m) for m in re.findall(r"ms +([\d.]+) %", text)]
+    table = {m["name"]: (float(m["ms"]), float(m["share"])) for m in map(PHASE.fullmatch, out) if m}
+    everything = table.pop("all phases")
+    shares = [share for _, share in table.values()]
     assert len(shares) >= 8 and sum(shares) == pytest.approx(100, abs=0.5)
+    # the phases add up to the time per iteration the heading (and the table's last row) gives
+    total = float(re.search(r"([\d.]+) ms per iteration", text)[1])
+    assert everything == (total, 100.0) and all(ms >= 0 for ms, _ in table.values())
+    assert sum(ms for ms, _ in table.values()) == pytest.approx(total, abs=0.05 * len(table) + 0.05)
 
 
 @pytest.mark.parametrize("flag", [["--iterations", "0"], ["--repeats", "-1"], ["--time-to-accuracy", "-5"]])
@@ -125,22 +201,57 @@ def test_bench_refuses_bad_counts(flag, capsys):
     assert "must be" in capsys.readouterr().err
 
 
+def time_to_accuracy_table(lines) -> dict[str, dict]:
+    """The bench's time-to-accuracy table: contender -> the seconds to each ratio of the teacher's
+    accuracy (None: never), best and final ratio, iterations; checked for consistency."""
+    (head,) = [i for i, line in enumerate(lines) if line.startswith("contender") and " to 0." in line]
+    ratios = [float(r) for r in re.findall(r"to (\d\.\d\d)", lines[head])]
+    cell = r" +(\d+ s|never)"
+    row = re.compile(r"(\S.*?)" + cell * len(ratios) + r" +(\d\.\d{3}) +(\d\.\d{3}) +(\d+)")
+    table = {}
+    for line in lines[head + 1:]:
+        m = row.fullmatch(line)
+        if not m:
+            break
+        *cells, best, final, iterations = m.groups()[1:]
+        seconds = [None if c == "never" else int(c[:-2]) for c in cells]
+        best, final, iterations = float(best), float(final), int(iterations)
+        assert 0 <= final <= best <= 1.5 and iterations > 0 and iterations % 20 == 0, line
+        for s, ratio in zip(seconds, ratios):  # never: the best ratio stayed below it
+            assert best <= ratio if s is None else best >= ratio and s >= 0, line
+        reached = [s for s in seconds if s is not None]
+        assert reached == sorted(reached) and seconds[: len(reached)] == reached, line  # a higher ratio later
+        table[m[1]] = {"seconds": dict(zip(ratios, seconds)), "best": best, "final": final,
+                       "iterations": iterations}  # fmt: skip
+    return table
+
+
 @pytest.mark.slow
 def test_bench_every_fast_path_and_time_to_accuracy(capsys):
     argv = ["bench", "--iterations", "1", "--repeats", "1", "--time-to-accuracy", "3", "teacher.epochs=1",
             "generator.width=4", "train.batch_size=16"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    for row in ("dfkd + fused_optimizers", "dfkd + compile", "dfkd + sample reuse", "dfkd recipe, no sample reuse", "to 0.95"):
+    for row in ("dfkd + fused_optimizers", "dfkd + compile", "dfkd + sample reuse",
+                "DFAD as published (mnist5k_dfad)", "to 0.95"):  # fmt: skip
         assert row in text, row
+    lines = text.strip().splitlines()
+    rows = rate_table(lines)
+    variants = {"channels_last", "fused_optimizers", "compile", "bf16 autocast"}
+    assert {f"dfkd + {v}" for v in variants} | {"plain loop (reference)", "dfkd as configured"} <= set(rows)
+    check_speedup_line(lines, rows)
+    reached = time_to_accuracy_table(lines)
+    contenders = {"plain loop (reference)", "DFAD as published (mnist5k_dfad)", "dfkd as configured"}
+    assert set(reached) == contenders
+    assert all(set(r["seconds"]) == {0.9, 0.95, 0.98} for r in reached.values())
 
 
 @pytest.mark.slow
 def test_the_gpu_check_script_runs_on_the_cpu(tmp_path):
     """No GPU here: a smoke test of runs/gpu_check.py with the CIFAR-size ResNets on stand-in data."""
     script = Path(__file__).parents[1] / "runs" / "gpu_check.py"
-    cmd = [sys.executable, str(script), "--device", "cpu", "--records", "16", "--batch-size", "4", "--iterations", "1",
-           "--repeats", "1", "--no-variants"]
+    cmd = [sys.executable, str(script), "--device", "cpu", "--records", "16", "--batch-size", "4",
+           "--iterations", "1", "--repeats", "1", "--no-variants"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resnet34 -> resnet18" in done.stdout

@@ -1,29 +1,30 @@
 """Teacher pools: strategies, reproducibility, input spaces, refusals, and a pool in a real run."""
 import json
+import random
 
 import pytest
 import torch
 
-from dfkd.config import DataConfig, PoolConfig
-from dfkd.data import load_dataset
+from dfkd.config import PoolConfig
 from dfkd.errors import DfkdError
 from dfkd.models import build_classifier
 from dfkd.pool import STRATEGIES, TeacherPool
-from dfkd.trainer import Trainer
+from dfkd.spec import InputSpec
 
 META = {"num_classes": 10, "in_channels": 1, "image_size": 32, "mean": [0.1307], "std": [0.3081]}
+SPEC = InputSpec(1, 32, 10, (0.1307,), (0.3081,))  # MNIST's input space
 
 
 def pool_of(archs, strategy="mean", metas=None, **cfg):
     torch.manual_seed(0)
     models = [build_classifier(a, 1, 10, 32).eval().requires_grad_(False) for a in archs]
     metas = metas or [dict(META, arch=a) for a in archs]
-    return TeacherPool(models, metas, load_dataset(DataConfig()), PoolConfig(strategy=strategy, **cfg), seed=7)
+    return TeacherPool(models, metas, SPEC, PoolConfig(strategy=strategy, **cfg), seed=7)
 
 
 def draws(strategy, n, count, seed=0):
     s = STRATEGIES.get(strategy)(n, PoolConfig())
-    rng = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
     return [next(iter(s.choose(step, rng).response)) for step in range(count)]
 
 
@@ -85,37 +86,39 @@ def test_a_teacher_with_other_input_statistics_gets_its_own_space():
     assert not pool.models[0]._forward_pre_hooks, "same statistics: inputs untouched"
 
 
-POOL = [{"arch": "lenet5", "epochs": 1}, {"arch": "mlp", "epochs": 1, "seed": 1}, {"arch": "lenet5_half", "epochs": 1, "seed": 2}]
+POOL = [{"arch": "lenet5", "epochs": 1}, {"arch": "mlp", "epochs": 1, "seed": 1},
+        {"arch": "lenet5_half", "epochs": 1, "seed": 2}]
 
 
-def test_a_pool_run_logs_each_teacher_and_resumes_the_same_sequence(tiny, tmp_path):
+def test_a_pool_run_logs_each_teacher_and_resumes_the_same_sequence(tiny, tmp_path, run_of):
     cfg = tiny(teachers=POOL, train={"iterations": 6, "checkpoint_every": 3, "log_every": 3, "eval_every": 3})
 
-    def record(trainer):
+    def record(run):
         """Spy on the pool: the index of the teacher each iteration plays against."""
-        picks, choose = [], trainer.pool.choose
+        pool = run.game.pool
+        picks, choose = [], pool.choose
 
         def spy(step):
             teacher, feature = choose(step)
-            picks.append(trainer.pool.models.index(teacher))
+            picks.append(pool.models.index(teacher))
             return teacher, feature
 
-        trainer.pool.choose = spy
+        pool.choose = spy
         return picks
 
-    full = Trainer(cfg, tmp_path / "full", progress=False)
+    full = run_of(cfg, tmp_path / "full")
     full_seq = record(full)
     summary = full.fit()
-    first = Trainer(cfg, tmp_path / "split", progress=False)
+    first = run_of(cfg, tmp_path / "split")
     first_seq = record(first)
     first.fit(stop_at=3)
-    resumed = Trainer(cfg, tmp_path / "split", progress=False)
-    resumed.load_checkpoint(resumed.checkpoint_path)
+    resumed = run_of(cfg, tmp_path / "split")
+    resumed.resume(resumed.checkpoint_path)
     resumed_seq = record(resumed)
     resumed.fit()
     assert first_seq + resumed_seq == full_seq and len(set(full_seq)) > 1
-    assert resumed.pool.uses == full.pool.uses and sum(full.pool.uses) == 6
-    for a, b in zip(full.student.state_dict().values(), resumed.student.state_dict().values()):
+    assert resumed.game.pool.uses == full.game.pool.uses and sum(full.game.pool.uses) == 6
+    for a, b in zip(full.game.student.state_dict().values(), resumed.game.student.state_dict().values()):
         assert torch.equal(a, b)
 
     assert len(summary["teacher_accs"]) == 3 and summary["teacher_acc"] == max(summary["teacher_accs"])
@@ -123,30 +126,36 @@ def test_a_pool_run_logs_each_teacher_and_resumes_the_same_sequence(tiny, tmp_pa
     assert summary["ratio"] == pytest.approx(summary["student_acc"] / max(summary["teacher_accs"]))
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     keys = {k for r in records for k in r}
-    assert {"teacher/acc_t0", "teacher/acc_t2", "teacher/ensemble_acc", "eval/agree_t1", "pool/uses_t0"} <= keys
+    assert {"teacher/acc_t0", "teacher/acc_t2", "teacher/ensemble_acc", "eval/agree_t1",
+            "pool/uses_t0"} <= keys  # fmt: skip
     last_uses = [r for r in records if "pool/uses_t0" in r][-1]
     assert sum(last_uses[f"pool/uses_t{i}"] for i in range(3)) == 6
 
 
-def test_split_run_trains_the_student_on_another_teachers_features(tiny, tmp_path):
+def test_split_run_trains_the_student_on_another_teachers_features(tiny, tmp_path, run_of):
     cfg = tiny(
         teachers=POOL[:2] + [POOL[0] | {"seed": 3}],
         pool={"strategy": "split", "response_teacher": 1, "feature_teacher": 2},
         method={"features": [["features.2", "features.2"], ["features.5", "features.5"]]},
     )
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    x, t = trainer.synthesize()
-    trainer.teacher, trainer.feature_teacher = trainer.pool.choose(0)
-    losses, _ = trainer.student_step(x, t)
+    run = run_of(cfg, tmp_path)
+    game = run.game
+    x, t = game.synthesize()
+    game.teacher, game.feature_teacher = game.pool.choose(0)
+    assert game.teacher is game.pool.models[1] and game.feature_teacher == 2
+    losses, _ = game.student_step(x, t)
     assert set(losses) == {"loss", "response", "feature"} and losses["feature"] > 0
     assert torch.allclose(losses["loss"], losses["response"] + 250.0 * losses["feature"])
-    assert all(not m._forward_hooks for t in trainer.pool.models for m in t.modules()), "no hook outlives its step"
-    assert all(not m._forward_hooks for m in trainer.student.modules())
-    assert trainer.fit()["iterations"] == 4
+    no_hooks = all(not m._forward_hooks for t in game.pool.models for m in t.modules())
+    assert no_hooks, "no hook outlives its step"
+    assert all(not m._forward_hooks for m in game.student.modules())
+    assert run.fit()["iterations"] == 4
 
 
-def test_feature_terms_need_one_teacher_and_real_layers(tiny, tmp_path):
+def test_feature_terms_need_one_teacher_and_real_layers(tiny, tmp_path, run_of):
+    features = {"features": [["features.2", "features.2"]]}
     with pytest.raises(DfkdError, match="pool.strategy=mean mixes several"):
-        Trainer(tiny(teachers=POOL, pool={"strategy": "mean"}, method={"features": [["features.2", "features.2"]]}), tmp_path)
-    with pytest.raises(DfkdError, match="teacher mlp has no layer 'features.2'; list its layers with: dfkd layers"):
-        Trainer(tiny(teachers=POOL, method={"features": [["features.2", "features.2"]]}), tmp_path)
+        run_of(tiny(teachers=POOL, pool={"strategy": "mean"}, method=features), tmp_path)
+    message = "teacher mlp has no layer 'features.2'; list its layers with: dfkd layers"
+    with pytest.raises(DfkdError, match=message):
+        run_of(tiny(teachers=POOL, method=features), tmp_path)

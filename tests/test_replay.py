@@ -1,7 +1,7 @@
 import torch
 
-from dfkd.replay import ReplayMemory
 from dfkd.augment import random_translate
+from dfkd.replay import ReplayMemory
 
 
 def test_ring_buffer_keeps_the_newest_and_round_trips():
@@ -50,7 +50,8 @@ def test_random_mixup_blends_the_chosen_fraction_with_partners_from_the_batch():
     from dfkd.augment import random_mixup
 
     n = 400
-    x = torch.arange(n, dtype=torch.float).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()  # image i is all i
+    # image i is all i
+    x = torch.arange(n, dtype=torch.float).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
     out = random_mixup(x, 0.25, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and bool((out == out[:, :, :1, :1]).all()), "one weight per image"
     changed = (out != x).flatten(1).any(1)

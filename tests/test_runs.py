@@ -8,7 +8,8 @@ import pytest
 
 from dfkd.config import ExperimentConfig, load_config
 
-RUNS = sorted(Path(__file__).parent.parent.joinpath("runs").glob("*.yaml"))
+RUNS_DIR = Path(__file__).parent.parent / "runs"
+RUNS = sorted(RUNS_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: p.name)
@@ -16,34 +17,37 @@ def test_experiment_files_load(path):
     load_config(path)
 
 
-SMALL = ["teacher.epochs=1", "train.iterations=2", "train.batch_size=8", "train.eval_every=1", "train.sample_every=2",
-         "train.checkpoint_every=2", "tracking.mode=disabled", "train.device=cpu"]  # fmt: skip
+SMALL = ["teacher.epochs=1", "train.iterations=2", "train.batch_size=8", "train.eval_every=1",
+         "train.sample_every=2", "train.checkpoint_every=2", "tracking.mode=disabled",
+         "train.device=cpu"]  # fmt: skip
 HAS_FASHION = Path("/usr/share/datasets/fashion-mnist").is_dir()
 
 
-@pytest.mark.parametrize("path", [p for p in RUNS if not p.name.startswith(("cifar", "bench"))], ids=lambda p: p.name)
-def test_every_preset_takes_two_iterations(tmp_path, path):
-    from dfkd.trainer import Trainer
+PRESETS = [p for p in RUNS if not p.name.startswith(("cifar", "bench"))]
 
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_takes_two_iterations(tmp_path, run_of, path):
     if path.name.startswith("fmnist") and not HAS_FASHION:
         pytest.skip("needs dataset-fashion-mnist")
     cfg = load_config(path, SMALL)
     if cfg.teachers:  # a pool trains several teachers; as many quick ones stand in for them here
         archs = ["lenet5", "mlp", "lenet5_half"][: len(cfg.teachers)]
         cfg.teachers = [load_config(None, ["teacher.epochs=1", f"teacher.arch={a}"]).teacher for a in archs]
-    assert Trainer(cfg, tmp_path, progress=False).fit()["iterations"] == 2
+    assert run_of(cfg, tmp_path).fit()["iterations"] == 2
 
 
 @pytest.mark.parametrize("path", sorted(p for p in RUNS if p.name.startswith("cifar")), ids=lambda p: p.name)
-def test_cifar_paper_presets_start_on_a_small_cifar_file(tmp_path, path):
+def test_cifar_paper_presets_start_on_a_small_cifar_file(tmp_path, run_of, path):
     from dfkd.data import write_cifar_binary
 
-    from dfkd.trainer import Trainer
-
-    write_cifar_binary(tmp_path / "cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], 4, 1)
+    batches = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    write_cifar_binary(tmp_path / "cifar-10-batches-bin", batches, 4, 1)
     write_cifar_binary(tmp_path / "cifar-100-binary", ["train.bin", "test.bin"], 8, 2)
-    cfg = load_config(path, [*SMALL, f"data.root={tmp_path}", "generator.width=8"])
-    summary = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    # (a teacher trained on a few random records scores near chance: no sanity margin for it)
+    overrides = [*SMALL, f"data.root={tmp_path}", "generator.width=8", "eval.min_teacher_margin=0"]
+    cfg = load_config(path, overrides)
+    summary = run_of(cfg, tmp_path / "run").fit()
     assert summary["iterations"] == 2 and len(summary["teacher_accs"]) == 1
 
 
@@ -68,10 +72,10 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-# runs/fmnist_lenet5.yaml (LeNet-5 student, session 8) measured 0.984 and 0.973 of the teacher over
-# two seeds at its 1,000 iterations, and 0.979 with the teacher this test trains in CI; 500
-# iterations read 0.936-0.963 (runs/RESULTS.md). The issue's goal is 0.95; the guard sits one point
-# below it and catches the recipe falling back to the LeNet-5-half student's level (0.91).
+# runs/fmnist_lenet5.yaml (a LeNet-5 student) measured 0.984 and 0.973 of the teacher over two
+# seeds at its 1,000 iterations, and 0.979 with the teacher this test trains in CI; 500 iterations
+# read 0.936-0.963 (runs/RESULTS.md). The target is 0.95; the guard sits one point below it and
+# catches the recipe falling back to the LeNet-5-half student's level (0.91).
 FMNIST_MIN_RATIO = 0.94
 
 
@@ -115,9 +119,12 @@ def preset_table(monkeypatch):
 def test_preset_table_reads_finished_runs_back_and_prints_each_row(tmp_path, capsys, preset_table):
     """The driver behind runs/RESULTS.md's preset table, on finished runs it must not repeat."""
     write_finished_preset_runs(tmp_path, preset_table.PRESETS["mnist5k"])
-    assert preset_table.main(["--datasets", "mnist5k", "--budget", "60", "--out", str(tmp_path), "perf.autocast=bf16"]) == 0
+    argv = ["--datasets", "mnist5k", "--budget", "60", "--out", str(tmp_path), "perf.autocast=bf16"]
+    assert preset_table.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| DFAD")]
-    expected = "| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | `dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 train.eval_every=75 --iterations=300 --seed=S` |"
+    expected = ("| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | "
+                "`dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 train.eval_every=75 --iterations=300 "
+                "--seed=S` |")
     assert rows[0] == expected and len(rows) == 2  # printed as it comes, then in the whole table
 
 
@@ -128,26 +135,28 @@ def test_preset_table_runs_again_what_ran_for_another_budget(tmp_path, preset_ta
     def dfkd(argv):  # stands in for `dfkd run`: records the run and leaves its summary
         out = Path(next(a for a in argv if a.startswith("--out="))[len("--out="):])
         ran.append((out.name, next(a for a in argv if a.startswith("--iterations="))))
-        (out / "summary.json").write_text(json.dumps({"teacher_acc": 97.0, "student_acc": 50.0, "wall_s": 30.0, "iterations": 150}))
+        summary = {"teacher_acc": 97.0, "student_acc": 50.0, "wall_s": 30.0, "iterations": 150}
+        (out / "summary.json").write_text(json.dumps(summary))
         return 0
 
     monkeypatch.setattr(preset_table, "dfkd", dfkd)
     assert preset_table.main(["--datasets", "mnist5k", "--budget", "30", "--out", str(tmp_path)]) == 0
     stems = [stem for _, stem in preset_table.PRESETS["mnist5k"]]
-    assert ran == [(f"{stem}_s{s}", "--iterations=150") for stem in stems for s in (0, 1)]  # calibrations kept
+    # the calibrations are kept
+    assert ran == [(f"{stem}_s{s}", "--iterations=150") for stem in stems for s in (0, 1)]
 
 
 # runs/mnist5k_multiteacher.yaml measured 0.952-0.968 of the best single teacher over five runs,
-# 0.959 on average (runs/RESULTS.md); the issue's goal is 0.95. The CI trains its own three
-# teachers, and with them the figure may move by a point or two, so the guard sits two points under
-# the goal: it catches the failures the strategy comparison showed (at 300 iterations `mean` read
+# 0.959 on average (runs/RESULTS.md); the target is 0.95. The CI trains its own three teachers,
+# and with them the figure may move by a point or two, so the guard sits two points under the
+# target: it catches the failures the strategy comparison showed (at 300 iterations `mean` read
 # 0.882, `random` 0.277) and a student that no longer learns from the pool.
 POOL_MIN_RATIO = 0.93
 
 
 @pytest.mark.slow
 def test_teacher_pool_keeps_its_measured_level(tmp_path):
-    summary = run_cli(tmp_path, "run", str(Path(__file__).parent.parent / "runs" / "mnist5k_multiteacher.yaml"))
+    summary = run_cli(tmp_path, "run", str(RUNS_DIR / "mnist5k_multiteacher.yaml"))
     print(json.dumps(summary))
     assert len(summary["teacher_accs"]) == 3 and summary["teacher_acc"] == max(summary["teacher_accs"])
     assert summary["student_acc"] / summary["teacher_acc"] >= POOL_MIN_RATIO

@@ -1,0 +1,85 @@
+"""Optimizers and schedules by name, learning-rate scaling, weight averages (dfkd.optim)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dfkd.config import OptimizerConfig
+from dfkd.errors import DfkdError
+from dfkd.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    WeightAverage,
+    build_optimizer,
+    build_schedule,
+    ema_update,
+    scale_lr,
+)
+
+
+def test_the_registries_name_every_choice_the_config_offers():
+    assert set(OPTIMIZERS.names()) == {"adam", "sgd"}
+    assert set(SCHEDULES.names()) == {"cosine", "constant"}
+    with pytest.raises(DfkdError, match="unknown optimizer 'adamw'"):
+        build_optimizer([nn.Parameter(torch.zeros(1))], OptimizerConfig(name="adamw"))
+
+
+def test_optimizers_take_their_settings_from_the_config():
+    params = [nn.Parameter(torch.zeros(2))]
+    adam = build_optimizer(params, OptimizerConfig(lr=0.01, betas=[0.5, 0.9], weight_decay=0.1))
+    assert isinstance(adam, torch.optim.Adam)
+    settings = {k: adam.defaults[k] for k in ("lr", "betas", "weight_decay")}
+    assert settings == {"lr": 0.01, "betas": (0.5, 0.9), "weight_decay": 0.1}
+    sgd = build_optimizer(params, OptimizerConfig(name="sgd", lr=0.1, momentum=0.5))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.5 and sgd.defaults["lr"] == 0.1
+
+
+def rates(cfg, iterations, steps, factor=None, at=None):
+    opt = build_optimizer([nn.Parameter(torch.zeros(1))], cfg)
+    sched = build_schedule(opt, cfg, iterations)
+    out = []
+    for step in range(steps):
+        if step == at:
+            scale_lr(opt, sched, factor)
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_anneals_to_zero_over_the_run_and_constant_stays():
+    cosine = rates(OptimizerConfig(lr=1.0), 10, 11)
+    assert cosine == pytest.approx([(1 + math.cos(math.pi * i / 10)) / 2 for i in range(11)], abs=1e-12)
+    assert rates(OptimizerConfig(lr=0.3, schedule="constant"), 10, 5) == [0.3] * 5
+
+
+def test_scale_lr_scales_the_current_rate_and_the_rest_of_the_schedule():
+    scaled = rates(OptimizerConfig(lr=1.0), 10, 11, factor=0.5, at=4)
+    plain = rates(OptimizerConfig(lr=1.0), 10, 11)
+    assert scaled[:4] == plain[:4]
+    assert scaled[4:] == pytest.approx([0.5 * r for r in plain[4:]], abs=1e-12)
+
+
+def test_ema_update_golden_values_and_copied_buffers():
+    model, average = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([1.0, 3.0]))
+        average.weight.copy_(torch.tensor([5.0, -1.0]))
+        model.running_mean.copy_(torch.tensor([7.0, 8.0]))
+    ema_update(average, model, 0.75)
+    assert torch.allclose(average.weight, torch.tensor([0.75 * 5 + 0.25 * 1, 0.75 * -1 + 0.25 * 3]))
+    assert torch.equal(average.running_mean, model.running_mean)
+
+
+def test_a_weight_average_is_a_frozen_copy_that_follows_its_source():
+    source = nn.Linear(2, 1)
+    average = WeightAverage(source, 0.5)
+    assert average.model is not source and not any(p.requires_grad for p in average.model.parameters())
+    start = [p.clone() for p in source.parameters()]
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(2.0)
+    average.update()
+    for avg, old in zip(average.model.parameters(), start):
+        assert torch.allclose(avg, old + 1.0)
