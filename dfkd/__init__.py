@@ -1,7 +1,7 @@
 """dfkd: data-free adversarial knowledge distillation.
 
-    import dfkd
-    result = dfkd.distill(teacher, student="lenet5_half", input=dfkd.InputSpec(1, 32, 10, (0.5,), (0.5,)))
+import dfkd
+result = dfkd.distill(teacher, student="lenet5_half", input=dfkd.InputSpec(1, 32, 10, (0.5,), (0.5,)))
 """
 
 __version__ = "0.1.0"

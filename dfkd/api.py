@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -61,8 +62,13 @@ def distill(
     if isinstance(student, str):
         cfg = with_settings(cfg, {"student.arch": student})
     if input is not None:
-        cfg = with_settings(cfg, {f"input.{k}": list(v) if isinstance(v, tuple) else v
-                                  for k, v in dataclasses.asdict(input).items()})  # fmt: skip
+        cfg = with_settings(
+            cfg,
+            {
+                f"input.{k}": list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(input).items()
+            },
+        )
     eval_split = None
     if isinstance(eval_data, (str, Path)):
         path = Path(eval_data).expanduser()
@@ -138,7 +144,10 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
         return False
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise DfkdError(f"run directory {str(out)!r} exists; pass --resume to continue it or --overwrite to replace it")
+            raise DfkdError(
+                f"run directory {str(out)!r} exists; "
+                "pass --resume to continue it or --overwrite to replace it"
+            )
         shutil.rmtree(out)
     created = not out.exists()
     try:
@@ -147,7 +156,9 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise DfkdError(f"cannot write to run directory {str(out)!r}: {err.strerror}; choose another --out") from None
+        raise DfkdError(
+            f"cannot write to run directory {str(out)!r}: {err.strerror}; choose another --out"
+        ) from None
     return created
 
 
@@ -158,7 +169,9 @@ def check_resumable_file(last: Path) -> None:
         raise DfkdError(f"--resume: no checkpoint at {last}")
     state = load_safe(last)
     if not isinstance(state, dict) or "step" not in state or "config" not in state:
-        held = type(state).__name__ if not isinstance(state, dict) else "a mapping without 'step' and 'config'"
+        held = (
+            type(state).__name__ if not isinstance(state, dict) else "a mapping without 'step' and 'config'"
+        )
         raise DfkdError(
             f"--resume: {str(last)!r} is not a dfkd run checkpoint (it holds {held}); "
             "start the run afresh with --overwrite"

@@ -62,20 +62,34 @@ def teacher_shape(cfg: ExperimentConfig, dataset: Dataset | None) -> tuple[int |
     """(channels, size, num_classes) to rebuild or check a teacher file with, as far as known."""
     i = cfg.input
     if dataset is not None:
-        return i.channels or dataset.info.channels, dataset.image_size, i.num_classes or dataset.info.num_classes
+        return (
+            i.channels or dataset.info.channels,
+            dataset.image_size,
+            i.num_classes or dataset.info.num_classes,
+        )
     return i.channels, i.size or cfg.data.image_size, i.num_classes
 
 
-def load_teacher(cfg: ExperimentConfig, recipe: TeacherConfig, dataset: Dataset | None, device: torch.device,
-                 progress: bool) -> tuple[nn.Module, dict]:  # fmt: skip
+def load_teacher(
+    cfg: ExperimentConfig,
+    recipe: TeacherConfig,
+    dataset: Dataset | None,
+    device: torch.device,
+    progress: bool,
+) -> tuple[nn.Module, dict]:
     """A teacher, frozen (eval, requires_grad False) once for the whole run."""
     if recipe.checkpoint is None:
         if dataset is None:
             raise DfkdError("data.name=none has no images to train a teacher on: set teacher.checkpoint")
         return get_teacher(cfg.data, recipe, dataset, device, progress)
     path = Path(recipe.checkpoint).expanduser()
-    model, meta = load_classifier(path, arch=recipe.arch, kwargs=recipe.kwargs, shape=teacher_shape(cfg, dataset),
-                                  trust_pickle=recipe.trust_pickle)  # fmt: skip
+    model, meta = load_classifier(
+        path,
+        arch=recipe.arch,
+        kwargs=recipe.kwargs,
+        shape=teacher_shape(cfg, dataset),
+        trust_pickle=recipe.trust_pickle,
+    )
     return freeze(model.to(device)), meta
 
 
@@ -83,8 +97,13 @@ def module_meta(model: nn.Module) -> dict:
     return {"arch": type(model).__name__, "format": "module"}
 
 
-def settle_spec(cfg: ExperimentConfig, metas: list[dict], sources: list[str], dataset: Dataset | None,
-                given: InputSpec | None = None) -> tuple[InputSpec, list[dict]]:  # fmt: skip
+def settle_spec(
+    cfg: ExperimentConfig,
+    metas: list[dict],
+    sources: list[str],
+    dataset: Dataset | None,
+    given: InputSpec | None = None,
+) -> tuple[InputSpec, list[dict]]:
     """The run's input spec, and each teacher's meta completed with its own normalization."""
     i = cfg.input
     explicit = {"channels": i.channels, "size": i.size, "num_classes": i.num_classes}
@@ -95,9 +114,15 @@ def settle_spec(cfg: ExperimentConfig, metas: list[dict], sources: list[str], da
         raise DfkdError("set both input.mean and input.std (one value per channel), or neither")
     for key, meta_key in SPEC_KEYS.items():
         for meta, source in zip(metas, sources):
-            if explicit[key] is not None and meta.get(meta_key) is not None and meta[meta_key] != explicit[key]:
-                raise DfkdError(f"input.{key}={explicit[key]} disagrees with teacher {source}, whose checkpoint "
-                                f"says {meta_key}={meta[meta_key]}; drop input.{key} or fix it")  # fmt: skip
+            if (
+                explicit[key] is not None
+                and meta.get(meta_key) is not None
+                and meta[meta_key] != explicit[key]
+            ):
+                raise DfkdError(
+                    f"input.{key}={explicit[key]} disagrees with teacher {source}, whose checkpoint "
+                    f"says {meta_key}={meta[meta_key]}; drop input.{key} or fix it"
+                )
     completed = [_with_normalization(meta, source, norm) for meta, source in zip(metas, sources)]
     first = completed[0]
     if dataset is not None:
@@ -110,11 +135,15 @@ def settle_spec(cfg: ExperimentConfig, metas: list[dict], sources: list[str], da
         mean, std = first["mean"], first["std"]
     for key, value in values.items():
         if value is None:
-            raise DfkdError(f"teacher {sources[0]} does not record its input {key.replace('_', ' ')}: set input.{key}")
+            raise DfkdError(
+                f"teacher {sources[0]} does not record its input {key.replace('_', ' ')}: set input.{key}"
+            )
     spec = InputSpec(values["channels"], values["size"], values["num_classes"], mean, std)
     if len(mean) != spec.channels or len(std) != spec.channels:
-        raise DfkdError(f"input.mean and input.std need {spec.channels} value(s), one per channel; got {list(mean)} "
-                        f"and {list(std)}")  # fmt: skip
+        raise DfkdError(
+            f"input.mean and input.std need {spec.channels} value(s), one per channel; got {list(mean)} "
+            f"and {list(std)}"
+        )
     return spec, completed
 
 
@@ -122,12 +151,16 @@ def _with_normalization(meta: dict, source: str, given: tuple) -> dict:
     mean, std = given
     if meta.get("mean") is not None and meta.get("std") is not None:
         if mean is not None and (list(meta["mean"]) != list(mean) or list(meta["std"]) != list(std)):
-            raise DfkdError(f"input.mean/std ({mean}, {std}) disagree with teacher {source}, whose checkpoint says "
-                            f"mean={meta['mean']} std={meta['std']}; drop input.mean/std or fix them")  # fmt: skip
+            raise DfkdError(
+                f"input.mean/std ({mean}, {std}) disagree with teacher {source}, whose checkpoint says "
+                f"mean={meta['mean']} std={meta['std']}; drop input.mean/std or fix them"
+            )
         return meta
     if mean is None:
-        raise DfkdError(f"teacher {source} does not record the input normalization it was trained with: set "
-                        "input.mean and input.std (per channel, of pixel values in [0, 1])")  # fmt: skip
+        raise DfkdError(
+            f"teacher {source} does not record the input normalization it was trained with: set "
+            "input.mean and input.std (per channel, of pixel values in [0, 1])"
+        )
     return {**meta, "mean": list(mean), "std": list(std)}
 
 
@@ -136,16 +169,22 @@ def check_fits(metas: list[dict], sources: list[str], spec: InputSpec) -> None:
         for key, meta_key in SPEC_KEYS.items():
             value = getattr(spec, key)
             if meta.get(meta_key) is not None and meta[meta_key] != value:
-                raise DfkdError(f"teacher {source} has {meta_key}={meta[meta_key]} but the input has "
-                                f"{key}={value}; set input.{key} or use a teacher for this input")  # fmt: skip
+                raise DfkdError(
+                    f"teacher {source} has {meta_key}={meta[meta_key]} but the input has "
+                    f"{key}={value}; set input.{key} or use a teacher for this input"
+                )
 
 
-def build_student(cfg: ExperimentConfig, spec: InputSpec, student: nn.Module | None, device) -> tuple[nn.Module, str]:
+def build_student(
+    cfg: ExperimentConfig, spec: InputSpec, student: nn.Module | None, device
+) -> tuple[nn.Module, str]:
     """The student, initialized from train.seed (the game's generator is built right after it)."""
     torch.manual_seed(cfg.train.seed)
     if student is None:
         arch = cfg.student.arch
-        model = build_classifier(arch, spec.channels, spec.num_classes, spec.size, **_kwargs(cfg.student.kwargs))
+        model = build_classifier(
+            arch, spec.channels, spec.num_classes, spec.size, **_kwargs(cfg.student.kwargs)
+        )
         return model.to(device), arch
     cls = type(student)
     return student.to(device).train(), f"{cls.__module__}:{cls.__qualname__}"
@@ -162,15 +201,24 @@ def sources_of(cfg: ExperimentConfig) -> list[str]:
     return [f"#{i} ({r.checkpoint or r.arch})" for i, r in enumerate(recipes)]
 
 
-def assemble(cfg: ExperimentConfig, progress: bool = True, teachers: list[nn.Module] | None = None,
-             student: nn.Module | None = None, spec: InputSpec | None = None, eval_split=None) -> Parts:  # fmt: skip
+def assemble(
+    cfg: ExperimentConfig,
+    progress: bool = True,
+    teachers: list[nn.Module] | None = None,
+    student: nn.Module | None = None,
+    spec: InputSpec | None = None,
+    eval_split=None,
+) -> Parts:
     """Everything a Run needs. `teachers` (frozen here), `student`, `spec` and `eval_split` (a
     dfkd.data.Split) replace what the config would build."""
     device = resolve_device(cfg.train.device)
     dataset = dataset_for(cfg)
     if teachers is not None:
         models = [freeze(t.to(device)) for t in teachers]
-        metas, sources = [module_meta(t) for t in models], [f"#{i} ({type(t).__name__})" for i, t in enumerate(models)]
+        metas, sources = (
+            [module_meta(t) for t in models],
+            [f"#{i} ({type(t).__name__})" for i, t in enumerate(models)],
+        )
         files = [None] * len(models)
     else:
         with distributed.main_first():  # one process trains and caches a missing teacher

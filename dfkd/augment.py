@@ -1,4 +1,5 @@
 """Image augmentations on normalized N×C×H×W batches (teacher training, synthetic student batches)."""
+
 from __future__ import annotations
 
 import torch

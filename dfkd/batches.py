@@ -9,7 +9,7 @@ resumed run draws what the uninterrupted one would have.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # images, teacher logits
 
 
 class StudentBatches:
-    def __init__(self, cfg: MethodConfig, batch_size: int, rng: torch.Generator,
-                 synthesize: Callable[..., Batch], generator_average: WeightAverage | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: MethodConfig,
+        batch_size: int,
+        rng: torch.Generator,
+        synthesize: Callable[..., Batch],
+        generator_average: WeightAverage | None = None,
+    ):
         self.cfg, self.batch_size, self.rng, self.synthesize = cfg, batch_size, rng, synthesize
         self.memory = ReplayMemory(cfg.replay_size) if cfg.replay_size else None
         self.generator_average = generator_average

@@ -7,14 +7,15 @@ full backward passes (the generator step also fills the student's gradients), an
 with the same networks, initial weights, latents, losses, optimizers and schedules; the two are
 timed in turns, several times, and the medians compared.
 """
+
 from __future__ import annotations
 
 import copy
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -33,9 +34,13 @@ from dfkd.spec import InputSpec
 
 # What makes dfkd's run execute exactly the plain loop's algorithm.
 PLAIN_ALGORITHM = {
-    "method.reuse_samples": False, "train.student_ema": 0.0, "method.replay_size": 0,
-    "method.generator_ema": 0.0, "method.student_shift": 0, "method.student_flip": False,
-}  # fmt: skip
+    "method.reuse_samples": False,
+    "train.student_ema": 0.0,
+    "method.replay_size": 0,
+    "method.generator_ema": 0.0,
+    "method.student_shift": 0,
+    "method.student_flip": False,
+}
 # Each fast path alone, on top of dfkd without any.
 FAST_PATHS = {
     "channels_last": {"perf.channels_last": True},
@@ -43,19 +48,29 @@ FAST_PATHS = {
     "compile": {"perf.compile": True},
     "bf16 autocast": {"perf.autocast": "bf16"},
 }
-NO_FAST_PATHS = {"perf.channels_last": False, "perf.fused_optimizers": False, "perf.compile": False, "perf.autocast": "none"}
+NO_FAST_PATHS = {
+    "perf.channels_last": False,
+    "perf.fused_optimizers": False,
+    "perf.compile": False,
+    "perf.autocast": "none",
+}
 
 
 def plain_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """`cfg` with the plain DFAD algorithm; what the plain loop cannot mirror is refused."""
     m = cfg.method
     unsupported = {
-        "method.name": m.name != "adversarial", "method.priors": bool(m.priors), "method.features": bool(m.features),
+        "method.name": m.name != "adversarial",
+        "method.priors": bool(m.priors),
+        "method.features": bool(m.features),
         "teachers": len(cfg.teacher_recipes) > 1,
-    }  # fmt: skip
+    }
     for key, present in unsupported.items():
         if present:
-            raise DfkdError(f"dfkd bench times the plain DFAD loop (one teacher, one response loss); drop {key} from the config")
+            raise DfkdError(
+                "dfkd bench times the plain DFAD loop (one teacher, one response loss); "
+                f"drop {key} from the config"
+            )
     return with_settings(cfg, PLAIN_ALGORITHM)
 
 
@@ -66,7 +81,9 @@ class PlainLoop:
     def __init__(self, cfg: ExperimentConfig, teacher: nn.Module, spec: InputSpec, device: torch.device):
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.train.seed)
-        self.student = build_classifier(cfg.student.arch, spec.channels, spec.num_classes, spec.size).to(device)
+        self.student = build_classifier(cfg.student.arch, spec.channels, spec.num_classes, spec.size).to(
+            device
+        )
         self.generator = generator_for(cfg, spec).to(device)
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(True)
         self.opt_s = build_optimizer(self.student.parameters(), cfg.student_optim)
@@ -77,7 +94,9 @@ class PlainLoop:
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
 
     def latent(self) -> torch.Tensor:
-        return torch.randn(self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.rng).to(self.device)
+        return torch.randn(self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.rng).to(
+            self.device
+        )
 
     def iteration(self) -> None:
         m, tau = self.cfg.method, self.cfg.method.temperature
@@ -107,8 +126,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def images_per_s(contenders: dict[str, Callable[[], None]], iterations: int, repeats: int, images: int,
-                 device: torch.device) -> dict[str, float]:  # fmt: skip
+def images_per_s(
+    contenders: dict[str, Callable[[], None]],
+    iterations: int,
+    repeats: int,
+    images: int,
+    device: torch.device,
+) -> dict[str, float]:
     """Median images/s of each contender over `repeats` timings of `iterations` iterations, taken in
     turns so that a change in the machine's load hits every contender alike. One untimed warm-up
     iteration each (compilation, allocator)."""
@@ -164,8 +188,15 @@ class Progress:
         return next((s for s, r in zip(self.seconds, self.ratios) if r >= ratio), None)
 
 
-def time_to_accuracy(step: Callable[[], None], evaluate: Callable[[], float], teacher_acc: float, budget_s: float,
-                     eval_every: int, max_iterations: int, device: torch.device) -> Progress:  # fmt: skip
+def time_to_accuracy(
+    step: Callable[[], None],
+    evaluate: Callable[[], float],
+    teacher_acc: float,
+    budget_s: float,
+    eval_every: int,
+    max_iterations: int,
+    device: torch.device,
+) -> Progress:
     progress, trained, it = Progress([], []), 0.0, 0
     while trained < budget_s and it < max_iterations:
         sync(device)
@@ -184,7 +215,9 @@ def _run(cfg: ExperimentConfig, run_root: str) -> Run:
     return Run(cfg, tempfile.mkdtemp(dir=run_root), assemble(cfg, progress=False), progress=False)
 
 
-def run_bench(cfg: ExperimentConfig, iterations: int, repeats: int, variants: bool, tta_s: float, out=print) -> float:
+def run_bench(
+    cfg: ExperimentConfig, iterations: int, repeats: int, variants: bool, tta_s: float, out=print
+) -> float:
     """Print the comparison; return the speedup of dfkd, as `cfg` configures it, over the plain loop."""
     plain_cfg = plain_config(cfg)
     with tempfile.TemporaryDirectory(prefix="dfkd-bench-") as root:
@@ -193,9 +226,13 @@ def run_bench(cfg: ExperimentConfig, iterations: int, repeats: int, variants: bo
         baseline = _run(base_cfg, root) if base_cfg.perf != plain_cfg.perf else configured
         plain = PlainLoop(plain_cfg, baseline.game.teacher, baseline.parts.spec, configured.device)
         m, t = plain_cfg.method, plain_cfg.train
-        out(f"dfkd bench: {cfg.teacher_recipes[0].arch} -> {cfg.student.arch}, {cfg.generator.name} generator "
+        out(
+            f"dfkd bench: {cfg.teacher_recipes[0].arch} -> {cfg.student.arch}, "
+            f"{cfg.generator.name} generator "
             f"(width {cfg.generator.width}), batch {t.batch_size}, {m.n_student_steps} student step(s) per "
-            f"generator step, loss {m.loss}, {configured.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")  # fmt: skip
+            f"generator step, loss {m.loss}, {configured.device} ({torch.get_num_threads()} threads), "
+            f"torch {torch.__version__}"
+        )
         perf = ", ".join(f"{k}={v}" for k, v in vars(plain_cfg.perf).items())
         out(f"dfkd as configured: perf {perf}")
         out(f"timing {iterations} iterations x {repeats} repeats in turns; student images/s (median)\n")
@@ -234,15 +271,25 @@ def _report_phases(run: Run, iterations: int, out) -> None:
     total, phases = phase_breakdown(run, iterations)
     dtype = torch.bfloat16 if run.cfg.perf.autocast == "bf16" else torch.float32
     peak = matmul_peak(run.device, dtype)
-    out(f"\nwhere dfkd's time goes (as configured; phases timed on their own): {1000 * total:.1f} ms per iteration; "
-        f"matmul peak {peak / 1e9:.0f} GFLOP/s ({str(dtype).removeprefix('torch.')}, measured now)")  # fmt: skip
+    out(
+        "\nwhere dfkd's time goes (as configured; phases timed on their own): "
+        f"{1000 * total:.1f} ms per iteration; "
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s ({str(dtype).removeprefix('torch.')}, measured now)"
+    )
     out(f"  {'phase':<28}{'ms':>9}   {'share':>6}{'GFLOP/s':>10}{'of peak':>9}")
     for name, s in sorted(phases.items(), key=lambda kv: -kv[1]):
         rate = flops.get(name, 0.0) / s if s > 0 else 0.0
-        cells = f"{rate / 1e9:>10.1f}{100 * rate / peak:>8.1f}%" if name in flops and flops[name] else f"{'-':>10}{'-':>9}"
+        cells = (
+            f"{rate / 1e9:>10.1f}{100 * rate / peak:>8.1f}%"
+            if name in flops and flops[name]
+            else f"{'-':>10}{'-':>9}"
+        )
         out(f"  {name:<28}{1000 * s:>9.1f} ms{100 * s / total:>6.1f} %{cells}")
     achieved = sum(flops.values()) / total
-    out(f"  {'all phases':<28}{1000 * total:>9.1f} ms{100.0:>6.1f} %{achieved / 1e9:>10.1f}{100 * achieved / peak:>8.1f}%")
+    out(
+        f"  {'all phases':<28}{1000 * total:>9.1f} ms{100.0:>6.1f} %"
+        f"{achieved / 1e9:>10.1f}{100 * achieved / peak:>8.1f}%"
+    )
 
 
 TTA_RATIOS = (0.90, 0.95, 0.98)
@@ -263,13 +310,19 @@ def reference_recipe(cfg: ExperimentConfig) -> ExperimentConfig:
 def _report_time_to_accuracy(cfg, plain_cfg, baseline: Run, root: str, budget_s: float, out) -> None:
     """Wall seconds of training (evaluation excluded) until the student reaches 0.90, 0.95 and 0.98 of
     the teacher: the plain loop, DFAD's published recipe run by dfkd, and dfkd as configured."""
-    out(f"\ntime to accuracy: at most {budget_s:g} s of training each (or train.iterations), evaluated every 20 iterations")
+    out(
+        f"\ntime to accuracy: at most {budget_s:g} s of training each (or train.iterations), "
+        "evaluated every 20 iterations"
+    )
     teacher_acc, test, device = baseline.report.teacher_acc, baseline.parts.evaluation.split, baseline.device
     plain = PlainLoop(plain_cfg, baseline.game.teacher, baseline.parts.spec, device)
     reference, recipe = _run(reference_recipe(cfg), root), _run(cfg, root)
     contenders = {
         "plain loop (reference)": (plain.iteration, lambda: accuracy(plain.student, test, device)),
-        f"DFAD as published ({REFERENCE_RECIPE})": (reference.step, lambda: reference.evaluate()["eval/student_acc"]),
+        f"DFAD as published ({REFERENCE_RECIPE})": (
+            reference.step,
+            lambda: reference.evaluate()["eval/student_acc"],
+        ),
         "dfkd as configured": (recipe.step, lambda: recipe.evaluate()["eval/student_acc"]),
     }
     width = max(map(len, contenders)) + 2

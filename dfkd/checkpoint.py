@@ -4,11 +4,12 @@ A refused pickle is explained from a static scan of its opcodes (`pickletools.ge
 builds nothing): code it would call (`posix.system`, `builtins.eval`, ...), a whole pickled object
 (`torch.save(model)`), or other objects beyond plain weights.
 """
+
 from __future__ import annotations
 
 import _compat_pickle
-import io
 import errno
+import io
 import os
 import pickle
 import pickletools
@@ -27,19 +28,69 @@ from dfkd.errors import DfkdError
 
 # Modules and callables a checkpoint has no business calling: they run commands or evaluate code.
 CODE_MODULES = {
-    "os", "posix", "nt", "sys", "subprocess", "_posixsubprocess", "shutil", "socket", "importlib", "runpy",
-    "pty", "code", "codeop", "pickle", "_pickle", "marshal", "ctypes", "webbrowser", "multiprocessing",
-    "asyncio", "signal", "pdb", "bdb", "timeit", "commands", "popen2", "cProfile", "profile", "trace",
-    "zipimport", "pkgutil", "site",
-}  # fmt: skip
+    "os",
+    "posix",
+    "nt",
+    "sys",
+    "subprocess",
+    "_posixsubprocess",
+    "shutil",
+    "socket",
+    "importlib",
+    "runpy",
+    "pty",
+    "code",
+    "codeop",
+    "pickle",
+    "_pickle",
+    "marshal",
+    "ctypes",
+    "webbrowser",
+    "multiprocessing",
+    "asyncio",
+    "signal",
+    "pdb",
+    "bdb",
+    "timeit",
+    "commands",
+    "popen2",
+    "cProfile",
+    "profile",
+    "trace",
+    "zipimport",
+    "pkgutil",
+    "site",
+}
 CODE_BUILTINS = {
-    "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr", "globals", "locals",
-    "vars", "input", "breakpoint", "exit", "quit",
-}  # fmt: skip
+    "eval",
+    "exec",
+    "compile",
+    "open",
+    "__import__",
+    "getattr",
+    "setattr",
+    "delattr",
+    "globals",
+    "locals",
+    "vars",
+    "input",
+    "breakpoint",
+    "exit",
+    "quit",
+}
 CODE_CALLABLES = {
-    "io.open", "_io.open", "platform.popen", "types.FunctionType", "types.CodeType", "types.MethodType",
-    "operator.attrgetter", "operator.methodcaller", "torch.load", "torch.hub.load", "torch.jit.load",
-}  # fmt: skip
+    "io.open",
+    "_io.open",
+    "platform.popen",
+    "types.FunctionType",
+    "types.CodeType",
+    "types.MethodType",
+    "operator.attrgetter",
+    "operator.methodcaller",
+    "torch.load",
+    "torch.hub.load",
+    "torch.jit.load",
+}
 
 
 class PickleRefused(DfkdError):
@@ -92,8 +143,15 @@ class PickleScan:
     top: str | None = None  # the class of the top-level object, when it is not a plain container
 
 
-_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
-            "STRING"}  # fmt: skip
+_STRINGS = {
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "UNICODE",
+    "SHORT_BINSTRING",
+    "BINSTRING",
+    "STRING",
+}
 _MEMO_PUT = {"BINPUT", "LONG_BINPUT", "PUT"}
 _MEMO_GET = {"BINGET", "LONG_BINGET", "GET"}
 _PREAMBLE = {"PROTO", "FRAME", "MEMOIZE", *_STRINGS, *_MEMO_PUT, *_MEMO_GET}
@@ -184,13 +242,19 @@ def _refusal(path: Path, err: Exception) -> DfkdError:
     if scan.top is not None and scan.top in refused:
         return PickleRefused(
             f"{where} holds a whole pickled object ({scan.top}); loading it runs code from the file; "
-            "refusing to load it. Save model.state_dict() instead", "object", scan.top)  # fmt: skip
+            "refusing to load it. Save model.state_dict() instead",
+            "object",
+            scan.top,
+        )
     if name is None:  # not a pickle the weights-only reader understands: junk or truncated
         return DfkdError(f"{where} is unreadable or corrupt (UnpicklingError)")
     convert = "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)"
     return PickleRefused(
         f"{where} holds pickled objects beyond plain weights (it would call {name}); refusing to load it. "
-        f"If you trust its source, convert it once: {convert}", "objects", name)  # fmt: skip
+        f"If you trust its source, convert it once: {convert}",
+        "objects",
+        name,
+    )
 
 
 def load_safe(path: str | Path) -> Any:
@@ -215,4 +279,6 @@ def load_weights(model: nn.Module, state_dict: dict, what: str) -> None:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
         detail = str(err).splitlines()
-        raise DfkdError(f"{what} does not fit its architecture: {' '.join(l.strip() for l in detail[1:3])}") from None
+        raise DfkdError(
+            f"{what} does not fit its architecture: {' '.join(line.strip() for line in detail[1:3])}"
+        ) from None

@@ -35,12 +35,10 @@ class or the given arch of a state_dict), `format` ("state_dict", "torchscript",
 `image_size` where `shape` gives them. No mean and std: whoever loads such a teacher must be
 told its normalization.
 """
+
 from __future__ import annotations
 
-import io
-import json
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,9 @@ import torch.nn as nn
 
 from dfkd.checkpoint import PickleRefused, load_safe
 from dfkd.errors import DfkdError
-from dfkd.models import build_classifier, error_line
+from dfkd.graph_files import archive_kind, load_exported, load_torchscript
+from dfkd.models import build_classifier
+from dfkd.user_code import error_line
 
 # (channels, size, num_classes); None where unknown: a loaded model may tell its classes itself.
 Shape = tuple[int | None, int | None, int | None]
@@ -60,7 +60,10 @@ STATE_DICT_FIX = "set teacher.arch to the network these weights belong to"
 
 
 def load_classifier(
-    path: str | Path, arch: str | None = None, kwargs: dict | None = None, shape: Shape | None = None,
+    path: str | Path,
+    arch: str | None = None,
+    kwargs: dict | None = None,
+    shape: Shape | None = None,
     trust_pickle: bool = False,
 ) -> tuple[nn.Module, dict]:
     """A classifier from a file of any format the module docstring lists, and its meta.
@@ -73,9 +76,9 @@ def load_classifier(
         raise DfkdError(f"checkpoint {str(path)!r} not found")
     kind = archive_kind(path)
     if kind == "torchscript":
-        return _self_contained(_load_torchscript(path), "torchscript", kind, path, shape)
+        return _self_contained(load_torchscript(path), "torchscript", kind, path, shape)
     if kind == "exported":
-        return _self_contained(_load_exported(path, trust_pickle), "exported", kind, path, shape)
+        return _self_contained(load_exported(path, trust_pickle), "exported", kind, path, shape)
     try:
         obj = load_safe(path)
     except PickleRefused as refused:
@@ -86,121 +89,11 @@ def load_classifier(
         return _from_dfkd(obj, path, kwargs)
     state = _state_dict_in(obj)
     if state is None:
-        raise DfkdError(f"checkpoint {str(path)!r} holds a {type(obj).__name__} that is neither a dfkd "
-                        "checkpoint nor a state_dict (a dict of tensors); save model.state_dict() instead")
+        raise DfkdError(
+            f"checkpoint {str(path)!r} holds a {type(obj).__name__} that is neither a dfkd "
+            "checkpoint nor a state_dict (a dict of tensors); save model.state_dict() instead"
+        )
     return _from_state_dict(state, path, arch, kwargs, shape)
-
-
-def archive_kind(path: Path) -> str:
-    """'torchscript', 'exported' or 'torch' (torch.save's format, or no torch file at all), told
-    apart by the entries of the zip archive the first two are."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return "torch"
-    entries = {name.partition("/")[2] for name in names}  # below the archive's root folder
-    if "archive_format" in entries or any(e.startswith("models/") and e.endswith(".json") for e in entries):
-        return "exported"
-    if "constants.pkl" in entries or any(e.startswith("code/") for e in entries):
-        return "torchscript"
-    return "torch"
-
-
-class ExportedTeacher(nn.Module):
-    """An exported program's module as a teacher. Its train/eval behaviour was fixed at export and
-    the exported module refuses train() and eval(), so they set only this wrapper's flag."""
-
-    def __init__(self, program: nn.Module):
-        super().__init__()
-        self.program = program
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
-
-    def train(self, mode: bool = True) -> "ExportedTeacher":
-        self.training = mode
-        return self
-
-
-def _load_torchscript(path: Path) -> nn.Module:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.jit.load(str(path), map_location="cpu")
-    except Exception as err:
-        raise DfkdError(f"TorchScript archive {str(path)!r} does not load: {error_line(err)}") from None
-
-
-# Entries of a .pt2 archive that torch.export.load reads as text, never unpickles.
-_EXPORT_TEXT = {"archive_format", "archive_version", "byteorder", "version"}
-
-
-def unsafe_exported_entries(path: Path) -> list[str]:
-    """Entries of a .pt2 archive torch.export.load would unpickle with weights_only=False (pickled
-    weights, sample inputs, custom objects) or run (AOTInductor's compiled code), unless they load
-    as plain tensors with weights_only=True."""
-    unsafe = []
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        raw = _raw_payloads(archive, names)
-        for name in names:
-            entry = name.partition("/")[2]
-            if name in raw or name.endswith("/") or _never_unpickled(entry):
-                continue
-            if entry.startswith("data/aotinductor/") or not _plain_tensors(archive.read(name)):
-                unsafe.append(entry)
-    return unsafe
-
-
-def _never_unpickled(entry: str) -> bool:
-    return (entry.endswith(".json") or entry in _EXPORT_TEXT or entry.startswith(".data/")
-            or (entry.startswith("extra/") and not entry.endswith(".pt")))  # fmt: skip
-
-
-def _raw_payloads(archive: zipfile.ZipFile, names: list[str]) -> set[str]:
-    """The weights and tensor constants stored as raw bytes: read as storage, never unpickled."""
-    raw = set()
-    for name in names:
-        if not (name.endswith("_config.json") and "/data/" in name):
-            continue
-        folder = name.rpartition("/")[0]
-        try:
-            config = json.loads(archive.read(name)).get("config", {})
-        except (ValueError, AttributeError):
-            continue
-        for item in config.values():
-            file = str(item.get("path_name", ""))
-            if not item.get("use_pickle", True) and file.startswith(("weight_", "tensor_")):
-                raw.add(f"{folder}/{file}")
-    return raw
-
-
-def _plain_tensors(data: bytes) -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return True
-    except Exception:
-        return False
-
-
-def _load_exported(path: Path, trust_pickle: bool) -> nn.Module:
-    where = f"exported program {str(path)!r}"
-    unsafe = [] if trust_pickle else unsafe_exported_entries(path)
-    if unsafe:
-        more = f" and {len(unsafe) - 1} more" if len(unsafe) > 1 else ""
-        raise DfkdError(f"{where} holds entries that run code when loaded ({unsafe[0]}{more}); it was not "
-                        "loaded: set teacher.trust_pickle=true if you trust its source, or save it again "
-                        "with torch.export.save")  # fmt: skip
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.load(str(path))
-    except Exception as err:
-        raise DfkdError(f"{where} does not load: {error_line(err)}") from None
-    return ExportedTeacher(program.module())
 
 
 def _load_trusted(path: Path, refused: PickleRefused, trust_pickle: bool) -> Any:
@@ -215,24 +108,27 @@ def _load_trusted(path: Path, refused: PickleRefused, trust_pickle: bool) -> Any
             what, instead = f"a whole pickled module ({refused.name})", "model.state_dict()"
         else:
             what, instead = f"pickled objects beyond plain weights ({refused.name})", "the state_dict alone"
-        raise DfkdError(f"{where} holds {what}; loading it runs code from the file: set "
-                        f"teacher.trust_pickle=true if you trust its source, or save {instead} instead"
-                        ) from None  # fmt: skip
+        raise DfkdError(
+            f"{where} holds {what}; loading it runs code from the file: set "
+            f"teacher.trust_pickle=true if you trust its source, or save {instead} instead"
+        ) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise DfkdError(f"{where} does not load: {error_line(err)}") from None
-    warnings.warn(f"{where} was loaded with teacher.trust_pickle: unpickling it ran code from the file",
-                  stacklevel=3)  # fmt: skip
+    warnings.warn(
+        f"{where} was loaded with teacher.trust_pickle: unpickling it ran code from the file", stacklevel=3
+    )
     if refused.kind == "object" and not isinstance(obj, nn.Module):
         raise DfkdError(f"{where} holds a pickled {type(obj).__name__}, not a torch.nn.Module; save a model")
     return obj
 
 
-def _self_contained(model: nn.Module, arch: str, fmt: str, path: Path,
-                    shape: Shape | None) -> tuple[nn.Module, dict]:  # fmt: skip
+def _self_contained(
+    model: nn.Module, arch: str, fmt: str, path: Path, shape: Shape | None
+) -> tuple[nn.Module, dict]:
     """A TorchScript, exported or pickled model and its meta; run once on `shape` when its input is known."""
     meta = {"arch": arch, "format": fmt, "path": str(path)}
     channels, size, num_classes = shape or (None, None, None)
@@ -258,15 +154,18 @@ def check_runs(model: nn.Module, shape: Shape, source: str) -> int:
         try:
             out = _run_zeros(model, 2, channels, size)
         except Exception as err:
-            raise DfkdError(f"teacher {source} does not take {channels}×{size}×{size} inputs: "
-                            f"{error_line(err)}; set input.channels / input.size to what it takes") from None
+            raise DfkdError(
+                f"teacher {source} does not take {channels}×{size}×{size} inputs: "
+                f"{error_line(err)}; set input.channels / input.size to what it takes"
+            ) from None
         _check_logits(out, shape, source)
         try:
             _run_zeros(model, 3, channels, size)
         except Exception as err:
-            raise DfkdError(f"teacher {source} takes a batch of 2 images but not of 3 ({error_line(err)}); "
-                            "export it with a dynamic batch: dynamic_shapes=({0: torch.export.Dim('batch')},)"
-                            ) from None  # fmt: skip
+            raise DfkdError(
+                f"teacher {source} takes a batch of 2 images but not of 3 ({error_line(err)}); "
+                "export it with a dynamic batch: dynamic_shapes=({0: torch.export.Dim('batch')},)"
+            ) from None
     finally:
         model.train(was_training)
     return int(out.shape[1])
@@ -277,17 +176,24 @@ def _check_logits(out: Any, shape: Shape, source: str) -> None:
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         want = f"(2, {num_classes})" if num_classes is not None else "(2, classes)"
-        raise DfkdError(f"teacher {source} gives {got} for 2 images of {channels}×{size}×{size}; a teacher "
-                        f"must give logits of shape {want}")  # fmt: skip
+        raise DfkdError(
+            f"teacher {source} gives {got} for 2 images of {channels}×{size}×{size}; a teacher "
+            f"must give logits of shape {want}"
+        )
     if num_classes is not None and out.shape[1] != num_classes:
-        raise DfkdError(f"teacher {source} gives {out.shape[1]} classes, input.num_classes says "
-                        f"{num_classes}; set input.num_classes={out.shape[1]} or use a teacher of "
-                        f"{num_classes} classes")  # fmt: skip
+        raise DfkdError(
+            f"teacher {source} gives {out.shape[1]} classes, input.num_classes says "
+            f"{num_classes}; set input.num_classes={out.shape[1]} or use a teacher of "
+            f"{num_classes} classes"
+        )
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())  # fmt: skip
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _state_dict_in(obj: Any) -> dict | None:
@@ -317,13 +223,18 @@ def fit_weights(model: nn.Module, state: dict, arch: str, what: str, fix: str) -
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-               for k in own if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    resized = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     found = (("missing", missing), ("unexpected", unexpected), ("of other shapes", resized))
     wrong = [(label, keys) for label, keys in found if keys]
     if wrong:
-        parts = "; ".join(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                          for label, keys in wrong)  # fmt: skip
+        parts = "; ".join(
+            f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for label, keys in wrong
+        )
         raise DfkdError(f"{what} does not fit its architecture {arch}: keys {parts}; {fix}")
     model.load_state_dict(state)
 
@@ -332,31 +243,51 @@ def _from_dfkd(ckpt: dict, path: Path, kwargs: dict | None) -> tuple[nn.Module, 
     where = f"checkpoint {str(path)!r}"
     meta = ckpt["meta"]
     if not isinstance(meta, dict):
-        raise DfkdError(f"{where} has a meta that is a {type(meta).__name__}, not a dict; "
-                        "save it with dfkd.teachers.save_classifier")  # fmt: skip
+        raise DfkdError(
+            f"{where} has a meta that is a {type(meta).__name__}, not a dict; "
+            "save it with dfkd.teachers.save_classifier"
+        )
     missing = [key for key in DFKD_META_KEYS if key not in meta]
     if missing:
-        raise DfkdError(f"{where} has a meta without {', '.join(missing)} (a dfkd checkpoint's meta needs "
-                        f"{', '.join(DFKD_META_KEYS)}): add them, or save the bare state_dict and set "
-                        "teacher.arch")  # fmt: skip
-    model = build_classifier(meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"],
-                             meta.get("kwargs", kwargs))  # fmt: skip
-    fit_weights(model, strip_wrapper_prefix(ckpt["state_dict"]), meta["arch"], where,
-                "its meta's arch must name the network these weights belong to")  # fmt: skip
+        raise DfkdError(
+            f"{where} has a meta without {', '.join(missing)} (a dfkd checkpoint's meta needs "
+            f"{', '.join(DFKD_META_KEYS)}): add them, or save the bare state_dict and set "
+            "teacher.arch"
+        )
+    model = build_classifier(
+        meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"], meta.get("kwargs", kwargs)
+    )
+    fit_weights(
+        model,
+        strip_wrapper_prefix(ckpt["state_dict"]),
+        meta["arch"],
+        where,
+        "its meta's arch must name the network these weights belong to",
+    )
     return model, {**meta, "format": "dfkd"}
 
 
-def _from_state_dict(state: dict, path: Path, arch: str | None, kwargs: dict | None,
-                     shape: Shape | None) -> tuple[nn.Module, dict]:  # fmt: skip
+def _from_state_dict(
+    state: dict, path: Path, arch: str | None, kwargs: dict | None, shape: Shape | None
+) -> tuple[nn.Module, dict]:
     where = f"checkpoint {str(path)!r}"
     if not arch:
         raise DfkdError(f"{where} holds a plain state_dict: {STATE_DICT_FIX}")
     channels, size, num_classes = shape or (None, None, None)
-    unknown = [key for key, value in (("input.channels", channels), ("input.size", size),
-                                      ("input.num_classes", num_classes)) if value is None]  # fmt: skip
+    unknown = [
+        key
+        for key, value in (
+            ("input.channels", channels),
+            ("input.size", size),
+            ("input.num_classes", num_classes),
+        )
+        if value is None
+    ]
     if unknown:
-        raise DfkdError(f"{where} holds a plain state_dict of {arch}, which does not record its input and "
-                        f"classes: set {', '.join(unknown)}")  # fmt: skip
+        raise DfkdError(
+            f"{where} holds a plain state_dict of {arch}, which does not record its input and "
+            f"classes: set {', '.join(unknown)}"
+        )
     model = build_classifier(arch, channels, num_classes, size, kwargs)
     fit_weights(model, strip_wrapper_prefix(state), arch, where, STATE_DICT_FIX)
     meta = {"arch": arch, "format": "state_dict", "path": str(path)}

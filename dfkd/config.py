@@ -3,16 +3,11 @@
 Unknown keys and values of the wrong type are errors that name the key. YAML is read with
 `yaml.safe_load`, which builds plain data and never executes code.
 """
+
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
-
-
-from dfkd.errors import DfkdError
-from generators.registry import OUTPUTS as GENERATOR_OUTPUTS
 
 
 @dataclass
@@ -244,107 +239,24 @@ class ExperimentConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     student_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     generator_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
-    discriminator_optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-4, betas=[0.5, 0.999]))
+    discriminator_optim: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=2e-4, betas=[0.5, 0.999])
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def validate(self) -> "ExperimentConfig":
-        from dfkd.optim import OPTIMIZERS, SCHEDULES
+    def validate(self) -> ExperimentConfig:
+        """Every value in range, every name known; the first one that is not is an error naming its key."""
+        from dfkd.config_checks import check
 
-        _check_finite(self)
-        for key, value in self._positive().items():
-            if value <= 0:
-                raise DfkdError(f"{key} must be positive, got {value}")
-        non_negative = {f"method.{k}": getattr(self.method, k) for k in
-                        ("replay_size", "student_shift", "alpha", "beta", "adversarial_weight")}  # fmt: skip
-        non_negative["train.max_rollbacks"] = self.train.max_rollbacks
-        non_negative["eval.min_teacher_margin"] = self.eval.min_teacher_margin
-        for name in OPTIMIZER_SECTIONS:
-            opt = getattr(self, name)
-            non_negative.update({f"{name}.weight_decay": opt.weight_decay, f"{name}.momentum": opt.momentum})
-        for key, value in non_negative.items():
-            if value < 0:
-                raise DfkdError(f"{key} must be 0 (off) or positive, got {value}")
-        ranges = {  # key: (value, low, high, low inclusive, high inclusive)
-            "train.rollback_lr_factor": (self.train.rollback_lr_factor, 0.0, 1.0, False, True),
-            "train.collapse_threshold": (self.train.collapse_threshold, 0.0, 1.0, False, True),
-            "method.student_mixup": (self.method.student_mixup, 0.0, 1.0, True, True),
-            "method.generator_ema": (self.method.generator_ema, 0.0, 1.0, True, False),
-            "method.generator_ema_mix": (self.method.generator_ema_mix, 0.0, 1.0, False, False),
-            "train.student_ema": (self.train.student_ema, 0.0, 1.0, True, False),
-            "eval.min_teacher_margin": (self.eval.min_teacher_margin, 0.0, 1.0, True, False),
-        }
-        for name in OPTIMIZER_SECTIONS:
-            for n, beta in enumerate(getattr(self, name).betas):
-                ranges[f"{name}.betas[{n}]"] = (beta, 0.0, 1.0, True, False)
-        for key, (value, low, high, low_in, high_in) in ranges.items():
-            if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
-                interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-                raise DfkdError(f"{key} must be in {interval}, got {value}")
-        choices = {
-            "train.device": (self.train.device, ("cpu", "cuda", "auto")),
-            "perf.autocast": (self.perf.autocast, ("none", "bf16")),
-            "generator.output": (self.generator.output, GENERATOR_OUTPUTS),
-            "tracking.mode": (self.tracking.mode, ("online", "offline", "disabled")),
-            "train.collapse_action": (self.train.collapse_action, ("reinit", "warn")),
-        }
-        for name in OPTIMIZER_SECTIONS:
-            opt = getattr(self, name)
-            choices[f"{name}.name"] = (opt.name, OPTIMIZERS.names())
-            choices[f"{name}.schedule"] = (opt.schedule, SCHEDULES.names())
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise DfkdError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-        for name in OPTIMIZER_SECTIONS:
-            if len(getattr(self, name).betas) != 2:
-                raise DfkdError(f"{name}.betas must be two numbers [beta1, beta2], got {getattr(self, name).betas}")
-        if self.discriminator.layers and len(self.discriminator.layers) != 2:
-            raise DfkdError(f"discriminator.layers must be [student_layer, teacher_layer], got {self.discriminator.layers}")
-        for i, pair in enumerate(self.method.features):
-            if len(pair) != 2:
-                raise DfkdError(f"method.features[{i}] must be a pair [student_layer, teacher_layer], got {pair}")
+        check(self)
         return self
-
-    def _positive(self) -> dict[str, float]:
-        t, m, g, d = self.train, self.method, self.generator, self.discriminator
-        out = {f"train.{k}": getattr(t, k) for k in ("iterations", "batch_size", "log_every", "eval_every",
-                                                      "sample_every", "checkpoint_every", "collapse_patience")}  # fmt: skip
-        out.update({f"method.{k}": getattr(m, k) for k in ("n_student_steps", "n_generator_steps", "temperature")})
-        out.update({"generator.latent_dim": g.latent_dim, "generator.width": g.width})
-        out.update({"data.image_size": self.data.image_size, "tracking.init_timeout": self.tracking.init_timeout})
-        out.update({f"teacher.{k}": getattr(self.teacher, k) for k in ("epochs", "batch_size", "lr")})
-        out.update({"discriminator.width": d.width, "discriminator.steps": d.steps, "eval.synthetic_holdout":
-                    self.eval.synthetic_holdout})  # fmt: skip
-        out.update({f"{name}.lr": getattr(self, name).lr for name in OPTIMIZER_SECTIONS})
-        for key in ("channels", "size", "num_classes"):
-            if getattr(self.input, key) is not None:
-                out[f"input.{key}"] = getattr(self.input, key)
-        for n, std in enumerate(self.input.std or []):
-            out[f"input.std[{n}]"] = std
-        return out
 
     @property
     def teacher_recipes(self) -> list[TeacherConfig]:
         """The teachers of this run: the `teachers` pool, or the single `teacher`."""
         return self.teachers or [self.teacher]
-
-
-OPTIMIZER_SECTIONS = ("student_optim", "generator_optim", "discriminator_optim")
-
-
-def _check_finite(node: Any, prefix: str = "") -> None:
-    """NaN and infinities are refused wherever a number goes (NaN also never equals itself, which
-    would make a run refuse its own checkpoint)."""
-    if dataclasses.is_dataclass(node):
-        for f in dataclasses.fields(node):
-            _check_finite(getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name)
-        return
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, value in items:
-        _check_finite(value, f"{prefix}.{key}" if isinstance(node, dict) else f"{prefix}[{key}]")
-    if isinstance(node, float) and not math.isfinite(node):
-        raise DfkdError(f"{prefix} must be a finite number, got {node}")
 
 
 # Reading and writing configs (kept in dfkd.configfile, re-exported here: one import for users).
@@ -356,5 +268,11 @@ from dfkd.configfile import (  # noqa: E402
     with_settings,
 )
 
-__all__ = ["ExperimentConfig", "config_from_dict", "config_to_dict", "load_config", "parse_override",
-           "with_settings"]  # fmt: skip
+__all__ = [
+    "ExperimentConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_override",
+    "with_settings",
+]

@@ -109,7 +109,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> "ExperimentConfig":
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     data: dict = {}
     if path is not None:
         path = resolve_config(Path(path))
@@ -126,17 +126,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> "E
     return config_from_dict(data)
 
 
-def config_from_dict(data: dict) -> "ExperimentConfig":
+def config_from_dict(data: dict) -> ExperimentConfig:
     from dfkd.config import ExperimentConfig
 
     return _build(ExperimentConfig(), data).validate()
 
 
-def config_to_dict(config: "ExperimentConfig") -> dict:
+def config_to_dict(config: ExperimentConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def with_settings(config: "ExperimentConfig", settings: dict[str, Any]) -> "ExperimentConfig":
+def with_settings(config: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConfig:
     """A validated copy of `config` with dotted keys set: {"perf.compile": True}."""
     data = config_to_dict(config)
     for dotted, value in settings.items():
@@ -173,8 +173,10 @@ def resolve_config(path: Path | None) -> Path | None:
         return path
     shipped = find_experiment(path)
     if shipped is None:
-        raise DfkdError(f"config file {str(path)!r} not found; give a YAML path or a shipped experiment name "
-                        "(`dfkd list` shows them)")  # fmt: skip
+        raise DfkdError(
+            f"config file {str(path)!r} not found; give a YAML path or a shipped experiment name "
+            "(`dfkd list` shows them)"
+        )
     return shipped
 
 
@@ -196,13 +198,17 @@ def read_config_text(path: Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DfkdError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
-                        f"{err.start}); save it as UTF-8") from None  # fmt: skip
+        raise DfkdError(
+            f"config file {str(path)!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from None
     try:
         empty = yaml.safe_load(text) is None
     except yaml.YAMLError:
         return text  # load_config reports where
     if empty:
-        raise DfkdError(f"config file {str(path)!r} is empty; write settings in it (at least `name: ...`) or "
-                        "start from a shipped experiment (`dfkd list`)")  # fmt: skip
+        raise DfkdError(
+            f"config file {str(path)!r} is empty; write settings in it (at least `name: ...`) or "
+            "start from a shipped experiment (`dfkd list`)"
+        )
     return text

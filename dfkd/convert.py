@@ -4,25 +4,32 @@ architecture, stored as a dfkd checkpoint whose meta records the input spec, ver
 TorchScript archives and torch.export programs are refused: they are graphs, not weights, and are
 used as teachers directly.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from dfkd.checkpoint import load_safe
-from dfkd.classifier_files import archive_kind, load_classifier
+from dfkd.classifier_files import load_classifier
 from dfkd.errors import DfkdError
 from dfkd.export import check_target, load_frozen, write_verified
+from dfkd.graph_files import archive_kind
 from dfkd.spec import InputSpec
 from dfkd.teachers import save_classifier
 
 
 def convert_to_checkpoint(
-    src: str | Path, out: str | Path, arch: str, shape: tuple = (None, None, None),
-    mean: Sequence[float] = (), std: Sequence[float] = (), overwrite: bool = False,
+    src: str | Path,
+    out: str | Path,
+    arch: str,
+    shape: tuple = (None, None, None),
+    mean: Sequence[float] = (),
+    std: Sequence[float] = (),
+    overwrite: bool = False,
 ) -> tuple[InputSpec, float]:
     """Store a plain state_dict (or a dfkd checkpoint) of `arch` as a dfkd checkpoint whose meta records
     the input spec; verified by reloading. Returns the spec and the max |Δlogit|."""
@@ -33,15 +40,18 @@ def convert_to_checkpoint(
     kind = archive_kind(src)
     if kind != "torch":
         what = "a TorchScript archive" if kind == "torchscript" else "a torch.export program"
-        raise DfkdError(f"{str(src)!r} is {what} (a graph, not weights of a dfkd architecture) and cannot "
-                        "be stored as a dfkd state_dict checkpoint; use it directly: "
-                        f"teacher.checkpoint={src}")  # fmt: skip
+        raise DfkdError(
+            f"{str(src)!r} is {what} (a graph, not weights of a dfkd architecture) and cannot "
+            "be stored as a dfkd state_dict checkpoint; use it directly: "
+            f"teacher.checkpoint={src}"
+        )
     if not mean or not std:
         raise DfkdError("dfkd convert needs --mean and --std: the normalization the model was trained with")
     meta = _dfkd_meta(src)
     if meta is not None and meta.get("arch") not in (None, arch):
-        raise DfkdError(f"--arch {arch} disagrees with the checkpoint's arch {meta['arch']}; "
-                        f"give --arch {meta['arch']}")  # fmt: skip
+        raise DfkdError(
+            f"--arch {arch} disagrees with the checkpoint's arch {meta['arch']}; give --arch {meta['arch']}"
+        )
     spec = conversion_spec(meta, shape, list(mean), list(std))
     model = _load_for_conversion(src, arch, spec)
     new_meta = {**(meta or {}), "arch": arch, **spec.as_meta(), "converted_from": str(src)}
@@ -58,8 +68,9 @@ def conversion_spec(
     flags = {"--channels": "in_channels", "--size": "image_size", "--classes": "num_classes"}
     for (flag, key), given in zip(flags.items(), shape):
         if given is not None and key in known and known[key] != given:
-            raise DfkdError(f"{flag} {given} disagrees with the checkpoint's {key}={known[key]}; "
-                            f"drop {flag} or fix it")  # fmt: skip
+            raise DfkdError(
+                f"{flag} {given} disagrees with the checkpoint's {key}={known[key]}; drop {flag} or fix it"
+            )
         value = given if given is not None else known.get(key)
         if value is None:
             raise DfkdError(f"a plain state_dict records no input shape; give {flag}")
@@ -70,13 +81,15 @@ def conversion_spec(
     per_channel = {}
     for flag, numbers in (("--mean", mean), ("--std", std)):
         if len(numbers) not in (1, channels):
-            raise DfkdError(f"{flag} has {len(numbers)} values for {channels} channel(s); "
-                            "give one per channel")  # fmt: skip
+            raise DfkdError(
+                f"{flag} has {len(numbers)} values for {channels} channel(s); give one per channel"
+            )
         per_channel[flag] = list(numbers) * channels if len(numbers) == 1 else list(numbers)
     if any(s <= 0 for s in per_channel["--std"]):
         raise DfkdError(f"--std must be positive, got {' '.join(map(str, std))}")
-    return InputSpec(channels, values["image_size"], values["num_classes"], per_channel["--mean"],
-                     per_channel["--std"])  # fmt: skip
+    return InputSpec(
+        channels, values["image_size"], values["num_classes"], per_channel["--mean"], per_channel["--std"]
+    )
 
 
 def _dfkd_meta(path: Path) -> dict | None:
@@ -88,11 +101,13 @@ def _dfkd_meta(path: Path) -> dict | None:
 def _load_for_conversion(src: Path, arch: str, spec: InputSpec) -> nn.Module:
     model, _ = load_classifier(src, arch=arch, shape=(spec.channels, spec.size, spec.num_classes))
     if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
-        raise DfkdError(f"{str(src)!r} holds a graph, not weights: use it directly as "
-                        f"teacher.checkpoint={src}")  # fmt: skip
+        raise DfkdError(
+            f"{str(src)!r} holds a graph, not weights: use it directly as teacher.checkpoint={src}"
+        )
     return model.eval().requires_grad_(False)
 
 
 def _save_verified(model: nn.Module, meta: dict, spec: InputSpec, out: Path) -> float:
-    return write_verified(model, spec, out, lambda tmp: save_classifier(tmp, model, meta),
-                          lambda tmp: load_frozen(tmp)[0])  # fmt: skip
+    return write_verified(
+        model, spec, out, lambda tmp: save_classifier(tmp, model, meta), lambda tmp: load_frozen(tmp)[0]
+    )

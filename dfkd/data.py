@@ -2,14 +2,15 @@
 
 Only the teacher ever trains on `train`; distillation reads nothing but `test`, for evaluation.
 """
+
 from __future__ import annotations
 
 import functools
 import gzip
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -76,7 +77,9 @@ def _register(name: str, info: DatasetInfo):
 def stratified_split(labels: np.ndarray, test_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Fixed split: `test_per_class` images of every class held out, chosen by a seeded permutation."""
     rng = np.random.default_rng(seed)
-    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:test_per_class] for c in np.unique(labels)])
+    test = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:test_per_class] for c in np.unique(labels)]
+    )
     mask = np.zeros(len(labels), dtype=bool)
     mask[test] = True
     return np.flatnonzero(~mask), np.sort(test)
@@ -110,6 +113,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def read_idx_folder(root: Path) -> RawSplits:
     """A folder of train-/t10k- images and labels IDX files, as MNIST and Fashion-MNIST ship them."""
+
     def find(prefix: str, kind: str) -> Path:
         hits = sorted(root.glob(f"{prefix}-{kind}-idx?-ubyte*"))
         if not hits:
@@ -163,8 +167,10 @@ def read_cifar_binary(files: list[Path], label_bytes: int, label_index: int) -> 
     record = label_bytes + 3 * 32 * 32
     raw = np.concatenate([np.fromfile(f, dtype=np.uint8) for f in files])
     if raw.size % record:
-        raise DfkdError(f"CIFAR binary files {[f.name for f in files]} are truncated: {raw.size} bytes is not a "
-                        f"whole number of {record}-byte records")  # fmt: skip
+        raise DfkdError(
+            f"CIFAR binary files {[f.name for f in files]} are truncated: {raw.size} bytes is not a "
+            f"whole number of {record}-byte records"
+        )
     raw = raw.reshape(-1, record)
     return raw[:, label_bytes:].reshape(-1, 3, 32, 32), raw[:, label_index].astype(np.int64)
 
@@ -185,22 +191,34 @@ def write_cifar_binary(folder: Path, files: list[str], records: int, label_bytes
 
 def _cifar(folder: str, train: list[str], test: list[str], label_bytes: int, tv_name: str, info: DatasetInfo):
     """The binary version under data.root (or data.root/<folder>); otherwise torchvision's Python version."""
+
     def loader(root: Path | None) -> RawSplits:
         if root is not None:
             base = root / folder if (root / folder).is_dir() else root
             if all((base / f).is_file() for f in train + test):
                 label = label_bytes - 1  # CIFAR-100 stores the coarse label first, then the fine one
-                return (*read_cifar_binary([base / f for f in train], label_bytes, label),
-                        *read_cifar_binary([base / f for f in test], label_bytes, label))  # fmt: skip
+                return (
+                    *read_cifar_binary([base / f for f in train], label_bytes, label),
+                    *read_cifar_binary([base / f for f in test], label_bytes, label),
+                )
         return _torchvision(tv_name, info)(root)
 
     return loader
 
 
 _register("cifar10", CIFAR10_INFO)(
-    _cifar("cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"], 1, "CIFAR10", CIFAR10_INFO)
+    _cifar(
+        "cifar-10-batches-bin",
+        [f"data_batch_{i}.bin" for i in range(1, 6)],
+        ["test_batch.bin"],
+        1,
+        "CIFAR10",
+        CIFAR10_INFO,
+    )
 )
-_register("cifar100", CIFAR100_INFO)(_cifar("cifar-100-binary", ["train.bin"], ["test.bin"], 2, "CIFAR100", CIFAR100_INFO))
+_register("cifar100", CIFAR100_INFO)(
+    _cifar("cifar-100-binary", ["train.bin"], ["test.bin"], 2, "CIFAR100", CIFAR100_INFO)
+)
 
 
 def to_model_input(raw: np.ndarray, info: DatasetInfo, image_size: int) -> torch.Tensor:
@@ -212,7 +230,9 @@ def to_model_input(raw: np.ndarray, info: DatasetInfo, image_size: int) -> torch
         x = x.permute(0, 3, 1, 2)
     x = x.float().div_(255.0)
     if x.shape[-1] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous()

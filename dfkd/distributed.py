@@ -5,6 +5,7 @@ LOCAL_RANK set; each trains on its own synthetic batches (seeded per rank) and D
 student's, the generator's and the discriminator's gradients. Rank 0 alone writes files and W&B.
 Without torchrun every function here is a cheap no-op for a world of one.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,10 @@ def init(device_name: str) -> None:
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
         if torch.cuda.device_count() <= local_rank():
-            raise DfkdError(f"process {local_rank()} on this node has no GPU ({torch.cuda.device_count()} visible); "
-                            "start no more processes per node than GPUs, or use train.device=cpu")  # fmt: skip
+            raise DfkdError(
+                f"process {local_rank()} on this node has no GPU ({torch.cuda.device_count()} visible); "
+                "start no more processes per node than GPUs, or use train.device=cpu"
+            )
         torch.cuda.set_device(local_rank())
     dist.init_process_group("nccl" if cuda else "gloo")
 

@@ -4,10 +4,11 @@ Every source becomes a `Split` at the teacher's input spec. Nothing is converted
 back: images with another channel count than the teacher takes, or float images that are not
 pixels in [0, 1], are errors that say how to fix them.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,9 +24,7 @@ PIL_CHANNELS = {"1": 1, "L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 PIXEL_SLACK = 1e-3  # float pixels may stray this far outside [0, 1] (rounding in the writer's code)
 
 
-def load_labelled(
-    source: str | Path | tuple, spec: InputSpec, classes: Sequence[str] | None = None
-) -> Split:
+def load_labelled(source: str | Path | tuple, spec: InputSpec, classes: Sequence[str] | None = None) -> Split:
     """Images and int64 labels from `source`, resized to spec.size and normalized with spec.mean/std.
 
     `source`: a folder with one sub-folder of PNG/JPEG images per class (torchvision's ImageFolder
@@ -54,8 +53,9 @@ def _read_file(path: Path) -> tuple:
         return _read_npz(path)
     if path.suffix == ".pt":
         return _read_pt(path)
-    raise DfkdError(f"eval file {str(path)!r} is neither .npz nor .pt; save `images` and `labels` "
-                    "in one of those")  # fmt: skip
+    raise DfkdError(
+        f"eval file {str(path)!r} is neither .npz nor .pt; save `images` and `labels` in one of those"
+    )
 
 
 def _read_npz(path: Path) -> tuple:
@@ -67,20 +67,23 @@ def _read_npz(path: Path) -> tuple:
     except DfkdError:
         raise
     except Exception as err:  # not a zip, truncated, or object arrays (pickles)
-        raise DfkdError(f"eval file {str(path)!r} is not a readable .npz of plain arrays "
-                        f"({type(err).__name__})") from None  # fmt: skip
+        raise DfkdError(
+            f"eval file {str(path)!r} is not a readable .npz of plain arrays ({type(err).__name__})"
+        ) from None
 
 
 def _read_pt(path: Path) -> tuple:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # junk, truncated, or pickled objects beyond tensors
-        raise DfkdError(f"eval file {str(path)!r} is not a readable tensor file ({type(err).__name__}); "
-                        "save a dict of tensors: torch.save({'images': x, 'labels': y}, path)",
-                        ) from None  # fmt: skip
+        raise DfkdError(
+            f"eval file {str(path)!r} is not a readable tensor file ({type(err).__name__}); "
+            "save a dict of tensors: torch.save({'images': x, 'labels': y}, path)",
+        ) from None
     if not isinstance(data, dict):
-        raise DfkdError(f"eval file {str(path)!r} holds a {type(data).__name__}, not a dict with 'images' "
-                        "and 'labels'")  # fmt: skip
+        raise DfkdError(
+            f"eval file {str(path)!r} holds a {type(data).__name__}, not a dict with 'images' and 'labels'"
+        )
     _require_keys(path, set(data))
     return data["images"], data["labels"]
 
@@ -89,8 +92,10 @@ def _require_keys(path: Path, keys: set) -> None:
     missing = [k for k in ("images", "labels") if k not in keys]
     if missing:
         found = ", ".join(sorted(map(str, keys))) or "nothing"
-        raise DfkdError(f"eval file {str(path)!r} has no {' or '.join(repr(k) for k in missing)} "
-                        f"(found: {found}); store the arrays under 'images' and 'labels'")  # fmt: skip
+        raise DfkdError(
+            f"eval file {str(path)!r} has no {' or '.join(repr(k) for k in missing)} "
+            f"(found: {found}); store the arrays under 'images' and 'labels'"
+        )
 
 
 # --- arrays ----------------------------------------------------------------------------------------
@@ -116,8 +121,9 @@ def _as_tensor(value, what: str, name: str) -> torch.Tensor:
     try:
         return torch.from_numpy(np.ascontiguousarray(value))
     except (TypeError, ValueError):
-        raise DfkdError(f"{what}: {name} must be a numeric array or tensor, "
-                        f"got {type(value).__name__}") from None  # fmt: skip
+        raise DfkdError(
+            f"{what}: {name} must be a numeric array or tensor, got {type(value).__name__}"
+        ) from None
 
 
 def _labels(value, what: str) -> torch.Tensor:
@@ -125,17 +131,20 @@ def _labels(value, what: str) -> torch.Tensor:
     if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         raise DfkdError(f"{what}: labels must be integer class indices, got dtype {_dtype(y)}")
     if y.ndim != 1:
-        raise DfkdError(f"{what}: labels must be one class index per image (shape N), "
-                        f"got shape {tuple(y.shape)}")  # fmt: skip
+        raise DfkdError(
+            f"{what}: labels must be one class index per image (shape N), got shape {tuple(y.shape)}"
+        )
     return y.to(torch.int64)
 
 
 def _check_label_range(y: torch.Tensor, spec: InputSpec, what: str) -> None:
     bad = (y < 0) | (y >= spec.num_classes)
     if bad.any():
-        raise DfkdError(f"{what}: label {int(y[bad][0])} is out of range for a teacher with "
-                        f"{spec.num_classes} classes; labels must be class indices "
-                        f"0..{spec.num_classes - 1}")  # fmt: skip
+        raise DfkdError(
+            f"{what}: label {int(y[bad][0])} is out of range for a teacher with "
+            f"{spec.num_classes} classes; labels must be class indices "
+            f"0..{spec.num_classes - 1}"
+        )
 
 
 def _channels_first(x: torch.Tensor, spec: InputSpec, what: str) -> torch.Tensor:
@@ -156,8 +165,10 @@ def _channels_first(x: torch.Tensor, spec: InputSpec, what: str) -> torch.Tensor
 
 def _channel_message(subject: str, found: int, wanted: int) -> str:
     fix = "convert the images to grayscale" if wanted == 1 else f"give {wanted}-channel images"
-    return (f"{subject} {found} channel(s) but the teacher takes {wanted}; {fix} "
-            "(dfkd does not convert them for you)")  # fmt: skip
+    return (
+        f"{subject} {found} channel(s) but the teacher takes {wanted}; {fix} "
+        "(dfkd does not convert them for you)"
+    )
 
 
 def _to_pixels(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -167,9 +178,11 @@ def _to_pixels(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.is_floating_point():
         lo, hi = float(x.min()), float(x.max())
         if lo < -PIXEL_SLACK or hi > 1 + PIXEL_SLACK:
-            raise DfkdError(f"{what}: float images hold values in [{lo:.3g}, {hi:.3g}], not pixels in "
-                            "[0, 1]; give raw pixels (uint8 0..255 or float 0..1), not normalized "
-                            "images")  # fmt: skip
+            raise DfkdError(
+                f"{what}: float images hold values in [{lo:.3g}, {hi:.3g}], not pixels in "
+                "[0, 1]; give raw pixels (uint8 0..255 or float 0..1), not normalized "
+                "images"
+            )
         return x.float().clamp_(0.0, 1.0)
     raise DfkdError(f"{what}: images have dtype {_dtype(x)}; give uint8 (0..255) or float (0..1) pixels")
 
@@ -191,15 +204,18 @@ def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
 def _from_folder(root: Path, spec: InputSpec, classes: Sequence[str] | None) -> Split:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise DfkdError(f"eval folder {str(root)!r} has no class folders; lay it out as "
-                        f"{root}/<class>/<image>.png (one sub-folder per class)")  # fmt: skip
+        raise DfkdError(
+            f"eval folder {str(root)!r} has no class folders; lay it out as "
+            f"{root}/<class>/<image>.png (one sub-folder per class)"
+        )
     index = _class_index(root, [f.name for f in folders], spec, classes)
     images, labels = [], []
     for folder in folders:
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise DfkdError(f"eval class folder {str(folder)!r} holds no PNG or JPEG images; "
-                            "add images or remove it")  # fmt: skip
+            raise DfkdError(
+                f"eval class folder {str(folder)!r} holds no PNG or JPEG images; add images or remove it"
+            )
         for file in files:
             images.append(_resize(_to_pixels(_read_image(file, spec), f"image {str(file)!r}"), spec.size))
         labels += [index[folder.name]] * len(files)
@@ -211,23 +227,30 @@ def _class_index(
 ) -> dict[str, int]:
     if not classes:
         if len(names) != spec.num_classes:
-            raise DfkdError(f"eval folder {str(root)!r} has {len(names)} class folders but the teacher has "
-                            f"{spec.num_classes} classes: give eval.classes (the class names in the "
-                            "teacher's order) to map the folders to the teacher's classes")  # fmt: skip
+            raise DfkdError(
+                f"eval folder {str(root)!r} has {len(names)} class folders but the teacher has "
+                f"{spec.num_classes} classes: give eval.classes (the class names in the "
+                "teacher's order) to map the folders to the teacher's classes"
+            )
         return {name: i for i, name in enumerate(names)}
     classes = list(classes)
     if len(classes) != spec.num_classes:
-        raise DfkdError(f"eval.classes names {len(classes)} classes but the teacher has {spec.num_classes}; "
-                        "list every class name in the teacher's order")  # fmt: skip
+        raise DfkdError(
+            f"eval.classes names {len(classes)} classes but the teacher has {spec.num_classes}; "
+            "list every class name in the teacher's order"
+        )
     if len(set(classes)) != len(classes):
         twice = next(c for c in classes if classes.count(c) > 1)
-        raise DfkdError(f"eval.classes names {twice!r} twice; list each class name once, "
-                        "in the teacher's order")  # fmt: skip
+        raise DfkdError(
+            f"eval.classes names {twice!r} twice; list each class name once, in the teacher's order"
+        )
     for name in names:
         if name not in classes:
-            raise DfkdError(f"eval folder {str(root / name)!r} is not a class in eval.classes "
-                            f"({', '.join(classes)}); rename or remove the folder, or add it to "
-                            "eval.classes")  # fmt: skip
+            raise DfkdError(
+                f"eval folder {str(root / name)!r} is not a class in eval.classes "
+                f"({', '.join(classes)}); rename or remove the folder, or add it to "
+                "eval.classes"
+            )
     return {name: classes.index(name) for name in names}
 
 
@@ -245,7 +268,8 @@ def _read_image(file: Path, spec: InputSpec) -> torch.Tensor:
                 raise DfkdError(_channel_message(f"image {str(file)!r} ({mode}) has", found, spec.channels))
             array = np.asarray(img.convert("L") if mode == "1" else img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as err:
-        raise DfkdError(f"image {str(file)!r} is unreadable or corrupt ({type(err).__name__}); "
-                        "replace or remove it") from None  # fmt: skip
+        raise DfkdError(
+            f"image {str(file)!r} is unreadable or corrupt ({type(err).__name__}); replace or remove it"
+        ) from None
     x = torch.from_numpy(array.copy())
     return (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)).unsqueeze(0)

@@ -4,6 +4,7 @@ Every export carries the input spec (channels, size, classes, mean, std) the mod
 reloaded with plain torch or onnxruntime and run on a fixed batch before it is kept: a file whose
 logits differ from the student's beyond the tolerance is deleted, never left behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +12,9 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -42,8 +43,10 @@ class ExportResult:
 def spec_from_meta(meta: dict, where: str) -> InputSpec:
     missing = [k for k in ("in_channels", "image_size", "num_classes", "mean", "std") if k not in meta]
     if missing:
-        raise DfkdError(f"{where}: its meta lacks {', '.join(missing)}; rewrite it with "
-                        "`dfkd convert ... --mean M --std S` to record the input spec")  # fmt: skip
+        raise DfkdError(
+            f"{where}: its meta lacks {', '.join(missing)}; rewrite it with "
+            "`dfkd convert ... --mean M --std S` to record the input spec"
+        )
     return InputSpec(meta["in_channels"], meta["image_size"], meta["num_classes"], meta["mean"], meta["std"])
 
 
@@ -52,8 +55,10 @@ def student_path(source: str | Path) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "student.pt").is_file():
-            raise DfkdError(f"run directory {str(path)!r} holds no student.pt (has the run finished?); "
-                            "name a finished run or a student .pt file")  # fmt: skip
+            raise DfkdError(
+                f"run directory {str(path)!r} holds no student.pt (has the run finished?); "
+                "name a finished run or a student .pt file"
+            )
         return path / "student.pt"
     if not path.exists():
         raise DfkdError(f"{str(path)!r} not found; name a finished run directory or its student.pt")
@@ -76,10 +81,16 @@ def load_frozen(path: Path) -> tuple[nn.Module, dict]:
 
 def spec_document(spec: InputSpec, meta: dict) -> dict:
     """What each export records about its input: enough to feed the model without dfkd."""
-    doc = {"arch": meta.get("arch"), "channels": spec.channels, "size": spec.size,
-           "num_classes": spec.num_classes, "mean": list(spec.mean), "std": list(spec.std),
-           "input": "N x channels x size x size, float32, (pixel in [0, 1] - mean) / std per channel",
-           "output": "N x num_classes logits"}  # fmt: skip
+    doc = {
+        "arch": meta.get("arch"),
+        "channels": spec.channels,
+        "size": spec.size,
+        "num_classes": spec.num_classes,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "input": "N x channels x size x size, float32, (pixel in [0, 1] - mean) / std per channel",
+        "output": "N x num_classes logits",
+    }
     if meta.get("classes"):
         doc["classes"] = list(meta["classes"])
     return doc
@@ -129,14 +140,24 @@ def export_verified(
             sidecar.write_text(json.dumps(doc, indent=2) + "\n")
         os.replace(tmp, dest)
 
-    diff = write_verified(model, spec, out, lambda tmp: _write(fmt, model, spec, doc, tmp),
-                          lambda tmp: reload(fmt, tmp, doc), publish)  # fmt: skip
+    diff = write_verified(
+        model,
+        spec,
+        out,
+        lambda tmp: _write(fmt, model, spec, doc, tmp),
+        lambda tmp: reload(fmt, tmp, doc),
+        publish,
+    )
     return ExportResult(out, spec, diff, sidecar)
 
 
 def write_verified(
-    model: nn.Module, spec: InputSpec, out: Path, write: Callable[[Path], None],
-    load_back: Callable[[Path], Runner], publish: Callable[[Path, Path], None] = os.replace,
+    model: nn.Module,
+    spec: InputSpec,
+    out: Path,
+    write: Callable[[Path], None],
+    load_back: Callable[[Path], Runner],
+    publish: Callable[[Path, Path], None] = os.replace,
 ) -> float:
     """`write` the model to a temporary file beside `out`, `load_back` that file and `publish` it as
     `out` only if it gives the model's logits on the verification batch: the max |Δlogit|. On any
@@ -164,8 +185,10 @@ def _write(fmt: str, model: nn.Module, spec: InputSpec, doc: dict, path: Path) -
         raise
     except Exception as err:  # an operator the exporter cannot express, most often
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DfkdError(f"torch cannot write {doc.get('arch')} as {fmt} ({type(err).__name__}: {first}); "
-                        "try another --format") from None  # fmt: skip
+        raise DfkdError(
+            f"torch cannot write {doc.get('arch')} as {fmt} ({type(err).__name__}: {first}); "
+            "try another --format"
+        ) from None
 
 
 def check_target(path: Path, overwrite: bool) -> None:
@@ -176,8 +199,9 @@ def check_target(path: Path, overwrite: bool) -> None:
         raise DfkdError(f"{str(path)!r} exists; pass --overwrite to replace it or choose another --out")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise DfkdError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory; "
-                        "choose another --out")  # fmt: skip
+        raise DfkdError(
+            f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a directory; choose another --out"
+        )
 
 
 def _temp_beside(out: Path) -> Path:
@@ -186,23 +210,28 @@ def _temp_beside(out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".tmp" + out.suffix)
     except OSError as err:
-        raise DfkdError(f"cannot write to {str(out.parent)!r}: {err.strerror}; "
-                        "choose another --out") from None  # fmt: skip
+        raise DfkdError(
+            f"cannot write to {str(out.parent)!r}: {err.strerror}; choose another --out"
+        ) from None
     os.close(fd)
     return Path(name)
 
 
 def _check_close(got: torch.Tensor, expected: torch.Tensor) -> float:
     if got.shape != expected.shape:
-        raise DfkdError(f"export verification failed: the reloaded model gives shape {tuple(got.shape)}, "
-                        f"the student {tuple(expected.shape)}; the file is removed")  # fmt: skip
+        raise DfkdError(
+            f"export verification failed: the reloaded model gives shape {tuple(got.shape)}, "
+            f"the student {tuple(expected.shape)}; the file is removed"
+        )
     diff = (got.double() - expected.double()).abs()
     bound = ATOL + RTOL * expected.double().abs()
     worst = float(diff.max())
     if not torch.isfinite(diff).all() or (diff > bound).any():
-        raise DfkdError(f"export verification failed: max |Δlogit| = {worst:.3g} > "
-                        f"{ATOL:g} + {RTOL:g}·|logit|; the file is removed "
-                        "(try another --format)")  # fmt: skip
+        raise DfkdError(
+            f"export verification failed: max |Δlogit| = {worst:.3g} > "
+            f"{ATOL:g} + {RTOL:g}·|logit|; the file is removed "
+            "(try another --format)"
+        )
     return worst
 
 
@@ -239,9 +268,16 @@ def write_onnx(model: nn.Module, spec: InputSpec, doc: dict, path: Path) -> None
     import onnx
 
     with _quiet():  # dynamo=False: the TorchScript-based exporter needs no onnxscript
-        torch.onnx.export(model, (_example(spec),), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+        torch.onnx.export(
+            model,
+            (_example(spec),),
+            str(path),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = SPEC_KEY, json.dumps(doc)
@@ -253,8 +289,12 @@ def write_state_dict(model: nn.Module, spec: InputSpec, doc: dict, path: Path) -
     torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, str(path))
 
 
-WRITERS = {"torchscript": write_torchscript, "exported": write_exported, "onnx": write_onnx,
-           "state_dict": write_state_dict}  # fmt: skip
+WRITERS = {
+    "torchscript": write_torchscript,
+    "exported": write_exported,
+    "onnx": write_onnx,
+    "state_dict": write_state_dict,
+}
 
 
 # --- reloading, as a user without dfkd would (state_dict aside: it needs the architecture) ------------
@@ -304,8 +344,12 @@ def _no_grad(fn: Callable) -> Runner:
     return run
 
 
-RELOADERS = {"torchscript": _reload_torchscript, "exported": _reload_exported, "onnx": _reload_onnx,
-             "state_dict": _reload_state_dict}  # fmt: skip
+RELOADERS = {
+    "torchscript": _reload_torchscript,
+    "exported": _reload_exported,
+    "onnx": _reload_onnx,
+    "state_dict": _reload_state_dict,
+}
 
 
 def _require_onnx() -> None:

@@ -3,6 +3,7 @@
 The hooks live only inside one `capture` block and write into that block's own dict, so a model
 carries nothing between forwards and can be captured from by several callers.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,9 @@ def find_layers(model: nn.Module, paths: Sequence[str], owner: str) -> dict[str,
 
 
 @contextmanager
-def capture(model: nn.Module, paths: Sequence[str], owner: str = "model", inputs: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+def capture(
+    model: nn.Module, paths: Sequence[str], owner: str = "model", inputs: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
     """`with capture(net, ["features.2"]) as feats: net(x)` leaves the layer's output (or, with
     `inputs`, its first input) in feats["features.2"]."""
     feats: dict[str, torch.Tensor] = {}
@@ -35,7 +38,9 @@ def capture(model: nn.Module, paths: Sequence[str], owner: str = "model", inputs
     def hook(path):
         return lambda _m, args, out: feats.__setitem__(path, args[0] if inputs else out)
 
-    handles = [module.register_forward_hook(hook(path)) for path, module in find_layers(model, paths, owner).items()]
+    handles = [
+        module.register_forward_hook(hook(path)) for path, module in find_layers(model, paths, owner).items()
+    ]
     try:
         yield feats
     finally:
@@ -53,7 +58,11 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[s
         model(torch.zeros(1, *input_shape))
     model.train(was_training)
     modules = dict(model.named_modules())
-    return [(n, type(modules[n]).__name__, tuple(feats[n].shape[1:])) for n in names if isinstance(feats.get(n), torch.Tensor)]
+    return [
+        (n, type(modules[n]).__name__, tuple(feats[n].shape[1:]))
+        for n in names
+        if isinstance(feats.get(n), torch.Tensor)
+    ]
 
 
 class Adapter(nn.Module):
@@ -64,7 +73,9 @@ class Adapter(nn.Module):
     def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]):
         super().__init__()
         flat = len(teacher_shape) == 1
-        self.proj = (nn.Linear if flat else nn.Conv2d)(student_shape[0], teacher_shape[0], *(() if flat else (1,)))
+        self.proj = (nn.Linear if flat else nn.Conv2d)(
+            student_shape[0], teacher_shape[0], *(() if flat else (1,))
+        )
         self.size = tuple(teacher_shape[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,10 @@ Gradient routing (ARCHITECTURE.md, "Gradients"):
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
-from contextlib import nullcontext
 
 from dfkd import distributed
 from dfkd.batches import StudentBatches
@@ -39,8 +40,16 @@ class Player:
     torchrun), its parameters, optimizer, schedule and gradient clip. `step(loss)` is the one place
     where its gradients are made and applied; backward reaches its own parameters only."""
 
-    def __init__(self, module: nn.Module, cfg: OptimizerConfig, iterations: int, device: torch.device,
-                 fused: bool = False, phases=None, backward_phase: str = "backward"):  # fmt: skip
+    def __init__(
+        self,
+        module: nn.Module,
+        cfg: OptimizerConfig,
+        iterations: int,
+        device: torch.device,
+        fused: bool = False,
+        phases=None,
+        backward_phase: str = "backward",
+    ):
         self.module = module
         self.params = list(module.parameters())
         self.forward = distributed.wrap(module, device)
@@ -83,39 +92,66 @@ class StudentSide(nn.Module):
 
 def generator_for(cfg: ExperimentConfig, spec: InputSpec) -> nn.Module:
     g = cfg.generator
-    return build_generator(g.name, g.latent_dim, g.width, spec.channels, spec.size, g.output, spec.mean, spec.std)
+    return build_generator(
+        g.name, g.latent_dim, g.width, spec.channels, spec.size, g.output, spec.mean, spec.std
+    )
 
 
 class Game:
     """Generator against student over a pool of frozen teachers (and a discriminator in GAN-KD).
     The student must be built right before the game, from the run's seed (dfkd.assemble)."""
 
-    def __init__(self, cfg: ExperimentConfig, spec: InputSpec, pool: TeacherPool, student: nn.Module,
-                 student_arch: str, device: torch.device):  # fmt: skip
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        spec: InputSpec,
+        pool: TeacherPool,
+        student: nn.Module,
+        student_arch: str,
+        device: torch.device,
+    ):
         self.cfg, self.spec, self.pool, self.device = cfg, spec, pool, device
         self.phases = PhaseTimer(device)  # off unless `dfkd bench` reads it
         # The teacher this iteration plays against, and the pool member the feature term reads.
         self.teacher, self.feature_teacher = pool.models[0], next(iter(pool.strategy.feature_sources), None)
         self.student = student
         self.generator = generator_for(cfg, spec).to(device)
-        self.student_average = WeightAverage(student, cfg.train.student_ema) if cfg.train.student_ema > 0 else None
+        self.student_average = (
+            WeightAverage(student, cfg.train.student_ema) if cfg.train.student_ema > 0 else None
+        )
         m = cfg.method
         generator_average = WeightAverage(self.generator, m.generator_ema) if m.generator_ema > 0 else None
         self.method = build_method(m)
         archs = [meta["arch"] for meta in pool.metas]
-        self.method.prepare(Setting(student, student_arch, pool.models, archs, pool.strategy.feature_sources,
-                                    cfg.pool.strategy, spec, device, cfg.discriminator))  # fmt: skip
+        self.method.prepare(
+            Setting(
+                student,
+                student_arch,
+                pool.models,
+                archs,
+                pool.strategy.feature_sources,
+                cfg.pool.strategy,
+                spec,
+                device,
+                cfg.discriminator,
+            )
+        )
         # Each process draws its own latents (rank 0, and a single process, from train.seed itself).
         self.latent_rng = torch.Generator().manual_seed(cfg.train.seed + 1000 * distributed.rank())
-        self.batches = StudentBatches(m, cfg.train.batch_size, self.latent_rng, self.synthesize, generator_average)
+        self.batches = StudentBatches(
+            m, cfg.train.batch_size, self.latent_rng, self.synthesize, generator_average
+        )
         for net in [*self.networks.values(), *pool.models]:
             speed_up(net, cfg.perf)
         fused, n = cfg.perf.fused_optimizers, cfg.train.iterations
         side = StudentSide(student, self.method.student_modules)
-        self.student_player = Player(side, cfg.student_optim, n, device, fused, self.phases, "backward (student step)")
+        self.student_player = Player(
+            side, cfg.student_optim, n, device, fused, self.phases, "backward (student step)"
+        )
         self.student_player.average = self.student_average
-        self.generator_player = Player(self.generator, cfg.generator_optim, n, device, fused, self.phases,
-                                       "backward (generator step)")  # fmt: skip
+        self.generator_player = Player(
+            self.generator, cfg.generator_optim, n, device, fused, self.phases, "backward (generator step)"
+        )
         disc = self.method.discriminator
         self.discriminator_player = Player(disc, cfg.discriminator_optim, n, device, fused) if disc else None
 
@@ -168,7 +204,9 @@ class Game:
 
     # ---- the steps ------------------------------------------------------------------------
     def sample_latent(self, n: int | None = None) -> torch.Tensor:
-        z = torch.randn(n or self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.latent_rng)
+        z = torch.randn(
+            n or self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.latent_rng
+        )
         return z.to(self.device, non_blocking=True)
 
     @torch.no_grad()
@@ -242,8 +280,9 @@ class Game:
         return iteration_metrics(latest[1], g_losses, s_losses, d_losses)
 
 
-def iteration_metrics(teacher_logits: torch.Tensor, generator_losses: dict, student_losses: dict,
-                      discriminator_losses: dict) -> dict[str, torch.Tensor]:  # fmt: skip
+def iteration_metrics(
+    teacher_logits: torch.Tensor, generator_losses: dict, student_losses: dict, discriminator_losses: dict
+) -> dict[str, torch.Tensor]:
     top = teacher_logits.argmax(1)
     # (not bincount: on CUDA it reads the largest label back to size its output, a host sync)
     ones = torch.ones_like(top, dtype=torch.float)

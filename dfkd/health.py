@@ -2,6 +2,7 @@
 
 Both are checked once per log interval, where the trainer synchronizes with the device anyway.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,10 @@ def first_non_finite(losses: dict[str, torch.Tensor], models: dict[str, nn.Modul
     """The name of the first loss or model holding a NaN or Inf, or None when all are finite.
 
     One host sync whatever the number of tensors; the names are only looked up on failure."""
-    named = [*losses.items(), *((f"{name} parameters", p) for name, m in models.items() for p in m.parameters())]
+    named = [
+        *losses.items(),
+        *((f"{name} parameters", p) for name, m in models.items() for p in m.parameters()),
+    ]
     flags = torch.stack([torch.isfinite(t).all() for _, t in named])
     if bool(flags.all()):
         return None
@@ -31,7 +35,7 @@ class CollapseMonitor:
         self.streak = 0
 
     @classmethod
-    def for_run(cls, threshold: float, patience: int, iterations: int, log_every: int) -> "CollapseMonitor":
+    def for_run(cls, threshold: float, patience: int, iterations: int, log_every: int) -> CollapseMonitor:
         """A window that fits the run: `patience` intervals, but at most a quarter of the run's log
         intervals (and at least 2), so a short run is watched too."""
         intervals = -(-iterations // log_every)

@@ -4,14 +4,11 @@ its own synthetic batches; rank 0 alone writes files and W&B."""
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
 import uuid
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -26,6 +23,7 @@ from dfkd.game import Game
 from dfkd.health import CollapseMonitor, first_non_finite
 from dfkd.optim import scale_lr
 from dfkd.report import Report, student_meta
+from dfkd.signals import Interrupted, boundary_signals
 from dfkd.state import load_run_state, run_state
 from dfkd.tracking import NullTracker, Tracker
 
@@ -41,54 +39,44 @@ def _every(step: int, interval: int, last: int) -> bool:
     return step % interval == 0 or step == last
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, honoured at an iteration boundary; exits 128 + the signal's number."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
-
-
-@contextmanager
-def boundary_signals():
-    """While the block runs, SIGINT and SIGTERM are noted, not raised: the loop stops at the next
-    iteration boundary, so its checkpoint never holds half an iteration. A second signal stops at
-    once (and no checkpoint is written)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def note(signum, frame):
-        if received:
-            raise Interrupted(signum)
-        received.append(signum)
-
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 class Run:
     """Distillation of `parts` (dfkd.assemble) in `run_dir`, to train.iterations."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, parts: Parts, progress: bool = True,
-                 callback: Callback | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: Path,
+        parts: Parts,
+        progress: bool = True,
+        callback: Callback | None = None,
+    ):
         self.main = distributed.is_main()
-        self.cfg, self.run_dir, self.progress, self.callback = cfg, Path(run_dir), progress and self.main, callback
+        self.cfg, self.run_dir, self.progress, self.callback = (
+            cfg,
+            Path(run_dir),
+            progress and self.main,
+            callback,
+        )
         self.parts, self.device = parts, parts.device
         self.game = Game(cfg, parts.spec, parts.pool, parts.student, parts.student_arch, parts.device)
         t = cfg.train
-        self.report = Report(self.run_dir, parts.spec, parts.pool, parts.evaluation, parts.device,
-                             cfg.generator.latent_dim, t.seed, cfg.eval.synthetic_holdout,
-                             cfg.eval.min_teacher_margin)  # fmt: skip
+        self.report = Report(
+            self.run_dir,
+            parts.spec,
+            parts.pool,
+            parts.evaluation,
+            parts.device,
+            cfg.generator.latent_dim,
+            t.seed,
+            cfg.eval.synthetic_holdout,
+            cfg.eval.min_teacher_margin,
+        )
         self.iterations_done = 0
         self.wall_s = 0.0
         self.rollbacks = 0
-        self.collapse = CollapseMonitor.for_run(t.collapse_threshold, t.collapse_patience, t.iterations, t.log_every)
+        self.collapse = CollapseMonitor.for_run(
+            t.collapse_threshold, t.collapse_patience, t.iterations, t.log_every
+        )
         self.generator_resets = 0
         self.run_id = uuid.uuid4().hex[:8]
         self.stopped = False
@@ -118,8 +106,13 @@ class Run:
             if teacher:
                 tracker.log(teacher, step=0)
             self.save_checkpoint()  # the state a divergence before the first checkpoint rolls back to
-        bar = tqdm(total=cfg.iterations, initial=self.iterations_done, desc="distill", disable=not self.progress,
-                   unit="it")  # fmt: skip
+        bar = tqdm(
+            total=cfg.iterations,
+            initial=self.iterations_done,
+            desc="distill",
+            disable=not self.progress,
+            unit="it",
+        )
         start = time.perf_counter() - self.wall_s
         self.at_boundary = True
         try:
@@ -185,7 +178,10 @@ class Run:
             count += 1
             bar.update(1)
             step, last = self.iterations_done, cfg.iterations
-            log_now, checkpoint_now = _every(step, cfg.log_every, last), _every(step, cfg.checkpoint_every, last)
+            log_now, checkpoint_now = (
+                _every(step, cfg.log_every, last),
+                _every(step, cfg.checkpoint_every, last),
+            )
             # A checkpoint is only ever written from a healthy state.
             if log_now or checkpoint_now:
                 cause = self.non_finite(sums)
@@ -199,7 +195,9 @@ class Run:
             if log_now:
                 now = time.perf_counter()
                 metrics = {k: v / count for k, v in zip(sums, torch.stack(list(sums.values())).tolist())}
-                metrics["perf/student_images_per_s"] = count * self.game.images_per_iteration / max(now - last_log, 1e-9)
+                metrics["perf/student_images_per_s"] = (
+                    count * self.game.images_per_iteration / max(now - last_log, 1e-9)
+                )
                 metrics["train/lr_S"] = self.game.student_player.lr
                 metrics["health/collapse"] = self._check_collapse(metrics["train/top_class_frac"])
                 metrics["health/generator_resets"] = self.generator_resets
@@ -244,7 +242,8 @@ class Run:
         detected_at, rollbacks = self.iterations_done, self.rollbacks + 1
         if rollbacks > cfg.max_rollbacks:
             raise DfkdError(
-                f"training diverged: non-finite {cause} at step {detected_at}, after {self.rollbacks} rollback(s); "
+                f"training diverged: non-finite {cause} at step {detected_at}, "
+                f"after {self.rollbacks} rollback(s); "
                 "lower student_optim.lr and generator_optim.lr or set student_optim.grad_clip"
             )
         saved_rollbacks = self.resume()
@@ -258,7 +257,8 @@ class Run:
         tracker.rewind(self.iterations_done)
         tracker.log({"health/rollbacks": rollbacks, "health/diverged_at": detected_at}, self.iterations_done)
         warn(
-            f"non-finite {cause} at step {detected_at}: rolled back to step {self.iterations_done} with learning "
+            f"non-finite {cause} at step {detected_at}: "
+            f"rolled back to step {self.iterations_done} with learning "
             f"rates x{cfg.rollback_lr_factor} ({rollbacks}/{cfg.max_rollbacks})"
         )
 
@@ -272,9 +272,15 @@ class Run:
         near = evals["eval/student_acc"] < chance + 0.1 * (report.teacher_acc - chance)
         if near and not getattr(self, "_warned_chance", False):
             self._warned_chance = True
-            warn(f"the student scores {evals['eval/student_acc']:.1f} % at step {step}, near chance "
-                 f"({chance:.0f} %) while the teacher scores {report.teacher_acc:.1f} %: it is not learning; "
-                 "lower student_optim.lr / generator_optim.lr")  # fmt: skip
+            warn(
+                f"the student scores {evals['eval/student_acc']:.1f} % at step {step}, near chance "
+                f"({chance:.0f} %) while the teacher scores {report.teacher_acc:.1f} %: it is not learning. "
+                + (
+                    "The generator collapsed (health/collapse): try method.priors (onehot, balance, bn)"
+                    if self.generator_resets or self.collapse.streak
+                    else "Lower student_optim.lr / generator_optim.lr"
+                )
+            )
         return float(near)
 
     def _check_collapse(self, top_class_frac: float) -> float:
@@ -296,16 +302,25 @@ class Run:
     def finish(self, tracker: Tracker) -> dict:
         game, report, parts = self.game, self.report, self.parts
         acc = report.score(game.deployed_student, game.generator)
-        summary = report.summary(acc, self.iterations_done, self.wall_s, game.images_per_iteration,
-                                 [meta["arch"] for meta in game.pool.metas], parts.teacher_files)  # fmt: skip
+        summary = report.summary(
+            acc,
+            self.iterations_done,
+            self.wall_s,
+            game.images_per_iteration,
+            [meta["arch"] for meta in game.pool.metas],
+            parts.teacher_files,
+        )
         if not self.main:
             return summary
         real = report.real
-        meta = student_meta(parts.student_arch, self.cfg.data.name, parts.spec, acc if real else None,
-                            report.teacher_acc)  # fmt: skip
+        meta = student_meta(
+            parts.student_arch, self.cfg.data.name, parts.spec, acc if real else None, report.teacher_acc
+        )
         path = report.write(summary, game.deployed_student, meta)
         if real:
-            tracker.summarize({"best_student_acc": report.best_acc, "student_acc": acc, "teacher_acc": report.teacher_acc})
+            tracker.summarize(
+                {"best_student_acc": report.best_acc, "student_acc": acc, "teacher_acc": report.teacher_acc}
+            )
         else:
             tracker.summarize({"best_synthetic_agreement": report.best_acc, "synthetic_agreement": acc})
         tracker.log_model(path, f"student-{self.run_id}", meta)
@@ -317,10 +332,12 @@ class Run:
             try:
                 save_atomic(state, self.checkpoint_path)
             except DiskFull as err:
-                kept = f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step is not None \
-                    else "no checkpoint was written yet"  # fmt: skip
+                kept = (
+                    f"the last good checkpoint (step {self.saved_step}) is kept"
+                    if self.saved_step is not None
+                    else "no checkpoint was written yet"
+                )
                 raise DfkdError(f"{err}; {kept}: free some space and continue with --resume") from None
         self.saved_step = self.iterations_done
         distributed.barrier()  # a rollback on any rank must find the file written
         return self.checkpoint_path
-

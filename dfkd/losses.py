@@ -3,6 +3,7 @@
 Each is a pure function `(student_logits, teacher_logits, temperature) -> scalar`, differentiable in
 both arguments: the generator ascends it through both networks, the student descends it.
 """
+
 from __future__ import annotations
 
 import math
@@ -141,6 +142,7 @@ def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
 def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """RKD-D (Park et al.): Huber loss between the batch's pairwise distance matrices, each divided
     by its mean off-diagonal distance. Widths may differ: only distances are compared."""
+
     def normalized(x):
         d = _pairwise_distances(x)
         n = d.shape[0]
@@ -153,6 +155,7 @@ def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """RKD-A (Park et al.): Huber loss between the cosines of the angles every triplet of the
     batch forms, cos∠(x_i, x_j, x_k) = <(x_i - x_j)/|.|, (x_k - x_j)/|.|>."""
+
     def cosines(x):
         flat = x.flatten(1)
         e = F.normalize(flat.unsqueeze(0) - flat.unsqueeze(1), dim=2)  # e[j, i] = unit(x_i - x_j)
@@ -166,6 +169,7 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def gram(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """FSP-style (Yim et al.) on one layer: squared Frobenius distance between the per-image
     channel Gram matrices F·Fᵀ / (H·W), averaged over the batch."""
+
     def matrices(x):
         flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)  # a flat feature is a 1×1 map
         return flat @ flat.transpose(1, 2) / flat.shape[-1]

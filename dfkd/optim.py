@@ -22,7 +22,9 @@ SCHEDULES: Registry = Registry("schedule")
 
 @OPTIMIZERS.register("adam")
 def _adam(params, cfg: OptimizerConfig, kernel: dict) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel)
+    return torch.optim.Adam(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel
+    )
 
 
 @OPTIMIZERS.register("sgd")

@@ -1,4 +1,5 @@
 """Fast paths (config `perf`) and the per-phase timer `dfkd bench` reads."""
+
 from __future__ import annotations
 
 import time
@@ -15,7 +16,10 @@ from dfkd.errors import DfkdError
 
 def check_perf(cfg: PerfConfig, device: torch.device) -> None:
     if cfg.autocast == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DfkdError(f"perf.autocast=bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use perf.autocast=none")
+        raise DfkdError(
+            f"perf.autocast=bf16: {torch.cuda.get_device_name(device)} has no bfloat16; "
+            "use perf.autocast=none"
+        )
 
 
 def speed_up(model: nn.Module, cfg: PerfConfig) -> nn.Module:
@@ -70,7 +74,9 @@ class PhaseTimer:
         self.flops.clear()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5
+) -> float:
     """FLOP/s of a large square matmul on `device`: what this machine does at best, measured here."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up

@@ -4,6 +4,7 @@ A strategy turns (step, seeded generator) into a `Choice`: whose logits, with wh
 the teacher the generator and the student's response term see this iteration, and whose
 features the feature term reads. A single teacher is a pool of one.
 """
+
 from __future__ import annotations
 
 import random
@@ -61,7 +62,10 @@ class Weighted(Strategy):
         super().__init__(n, cfg)
         self.feature_sources = []
         if len(cfg.weights) != n or any(w < 0 for w in cfg.weights) or sum(cfg.weights) <= 0:
-            raise DfkdError(f"pool.weights must hold {n} non-negative weights, one per teacher, not all 0; got {cfg.weights}")
+            raise DfkdError(
+                f"pool.weights must hold {n} non-negative weights, one per teacher, not all 0; "
+                f"got {cfg.weights}"
+            )
         total = sum(cfg.weights)
         self.weights = {i: w / total for i, w in enumerate(cfg.weights) if w > 0}
 
@@ -85,7 +89,9 @@ class KnowledgeSplit(Strategy):
         super().__init__(n, cfg)
         for key in ("response_teacher", "feature_teacher"):
             if not 0 <= getattr(cfg, key) < n:
-                raise DfkdError(f"pool.{key} must index one of the {n} teachers (0..{n - 1}), got {getattr(cfg, key)}")
+                raise DfkdError(
+                    f"pool.{key} must index one of the {n} teachers (0..{n - 1}), got {getattr(cfg, key)}"
+                )
         self.choice = Choice({cfg.response_teacher: 1.0}, cfg.feature_teacher)
         self.feature_sources = [cfg.feature_teacher]
 
@@ -110,8 +116,10 @@ def renormalize_inputs(model: nn.Module, data_mean, data_std, own_mean, own_std)
     Layer paths stay those of the model itself."""
     shape = (1, -1, 1, 1)
     device = next(model.parameters()).device
-    dm, ds, om, os_ = (torch.tensor(v, dtype=torch.float32, device=device).view(shape)
-                       for v in (data_mean, data_std, own_mean, own_std))  # fmt: skip
+    dm, ds, om, os_ = (
+        torch.tensor(v, dtype=torch.float32, device=device).view(shape)
+        for v in (data_mean, data_std, own_mean, own_std)
+    )
     scale, shift = ds / os_, (dm - om) / os_
     model.register_forward_pre_hook(lambda _m, args: (args[0] * scale + shift, *args[1:]))
 
@@ -120,7 +128,9 @@ class TeacherPool:
     """The frozen teachers, each taking the generator's input space, and the strategy that picks
     who plays; `uses` counts iterations per teacher."""
 
-    def __init__(self, models: list[nn.Module], metas: list[dict], spec: InputSpec, cfg: PoolConfig, seed: int):
+    def __init__(
+        self, models: list[nn.Module], metas: list[dict], spec: InputSpec, cfg: PoolConfig, seed: int
+    ):
         self.models, self.metas = models, metas
         for model, meta in zip(models, metas):
             if not _same(meta, spec):
@@ -163,7 +173,9 @@ class TeacherPool:
 
 
 def _same(meta: dict, info) -> bool:
-    return list(meta.get("mean", info.mean)) == list(info.mean) and list(meta.get("std", info.std)) == list(info.std)
+    return list(meta.get("mean", info.mean)) == list(info.mean) and list(meta.get("std", info.std)) == list(
+        info.std
+    )
 
 
 def check_agreement(metas: list[dict], sources: list[str]) -> None:
@@ -172,5 +184,6 @@ def check_agreement(metas: list[dict], sources: list[str]) -> None:
         for i in range(1, len(metas)):
             if metas[i].get(key) != metas[0].get(key):
                 raise DfkdError(
-                    f"teachers {sources[0]} and {sources[i]} disagree on {key}: {metas[0].get(key)} vs {metas[i].get(key)}"
+                    f"teachers {sources[0]} and {sources[i]} disagree on {key}: "
+                    f"{metas[0].get(key)} vs {metas[i].get(key)}"
                 )

@@ -1,8 +1,10 @@
 """One small registry class; every pluggable part (classifiers, generators, losses, ...) uses it."""
+
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 from dfkd.errors import DfkdError
 

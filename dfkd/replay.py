@@ -4,6 +4,7 @@ Student steps draw from it instead of from the latest generator batch alone: the
 seeing the regions the generator has already left (no forgetting), and a draw costs no generator
 or teacher forward because the teacher's logits were stored with the images.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,9 +35,12 @@ class ReplayMemory:
         return self.images[idx], self.logits[idx]
 
     def state_dict(self) -> dict:
-        return {"images": self.images[: self.size] if self.images is not None else None,
-                "logits": self.logits[: self.size] if self.logits is not None else None,
-                "cursor": self.cursor, "size": self.size}  # fmt: skip
+        return {
+            "images": self.images[: self.size] if self.images is not None else None,
+            "logits": self.logits[: self.size] if self.logits is not None else None,
+            "cursor": self.cursor,
+            "size": self.size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.images = self.logits = None

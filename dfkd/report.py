@@ -35,11 +35,29 @@ class EvalSet:
 
 
 class Report:
-    def __init__(self, run_dir: Path, spec: InputSpec, pool: TeacherPool, evaluation: EvalSet, device: torch.device,
-                 latent_dim: int, seed: int, synthetic_holdout: int, min_teacher_margin: float = 0.0):  # fmt: skip
-        self.run_dir, self.spec, self.pool, self.evaluation, self.device = run_dir, spec, pool, evaluation, device
+    def __init__(
+        self,
+        run_dir: Path,
+        spec: InputSpec,
+        pool: TeacherPool,
+        evaluation: EvalSet,
+        device: torch.device,
+        latent_dim: int,
+        seed: int,
+        synthetic_holdout: int,
+        min_teacher_margin: float = 0.0,
+    ):
+        self.run_dir, self.spec, self.pool, self.evaluation, self.device = (
+            run_dir,
+            spec,
+            pool,
+            evaluation,
+            device,
+        )
         # One fixed latent batch makes sample grids comparable over time.
-        self.fixed_z = torch.randn(N_FIXED_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(seed + 1))
+        self.fixed_z = torch.randn(
+            N_FIXED_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(seed + 1)
+        )
         self.best_acc = 0.0
         split = evaluation.split
         if split is None:
@@ -50,8 +68,13 @@ class Report:
             self.teacher_preds = [predictions(t, split, device) for t in pool.models]
             self.teacher_accs = [agreement(p, split.labels) for p in self.teacher_preds]
             self.teacher_acc = max(self.teacher_accs)  # ratios are against the best single teacher
-            check_teachers(self.teacher_accs, [meta["arch"] for meta in pool.metas], spec, evaluation.source,
-                           min_teacher_margin)  # fmt: skip
+            check_teachers(
+                self.teacher_accs,
+                [meta["arch"] for meta in pool.metas],
+                spec,
+                evaluation.source,
+                min_teacher_margin,
+            )
 
     @property
     def real(self) -> bool:
@@ -67,7 +90,7 @@ class Report:
         return out
 
     def score(self, student: nn.Module, generator: nn.Module) -> float:
-        """Accuracy on the real images, or agreement with the teachers' ensemble on held-out synthetic ones."""
+        """Accuracy on the real images, or else agreement with the teachers on held-out synthetic ones."""
         if self.real:
             return accuracy(student, self.evaluation.split, self.device)
         split = self.synthetic_split(generator)
@@ -82,7 +105,9 @@ class Report:
         teacher = self.pool.models[0] if len(self.pool) == 1 else self.pool.ensemble()
         return Split(images, predictions(teacher, Split(images, torch.zeros(len(images))), self.device))
 
-    def evaluate(self, student: nn.Module, raw_student: nn.Module | None, generator: nn.Module) -> dict[str, float]:
+    def evaluate(
+        self, student: nn.Module, raw_student: nn.Module | None, generator: nn.Module
+    ) -> dict[str, float]:
         """Metrics of the deployed student (and of the live one, when the deployed is an average)."""
         if not self.real:
             acc = self.score(student, generator)
@@ -92,9 +117,15 @@ class Report:
         preds = predictions(student, split, self.device)
         acc = agreement(preds, split.labels)
         self.best_acc = max(self.best_acc, acc)
-        evals = {"eval/student_acc": acc, "eval/best_student_acc": self.best_acc, "eval/ratio": acc / self.teacher_acc}
+        evals = {
+            "eval/student_acc": acc,
+            "eval/best_student_acc": self.best_acc,
+            "eval/ratio": acc / self.teacher_acc,
+        }
         if len(self.pool) > 1:  # how closely the student follows each teacher
-            evals.update({f"eval/agree_{n}": agreement(preds, p) for n, p in zip(self.pool.names, self.teacher_preds)})
+            evals.update(
+                {f"eval/agree_{n}": agreement(preds, p) for n, p in zip(self.pool.names, self.teacher_preds)}
+            )
         if raw_student is not None:
             evals["eval/raw_student_acc"] = accuracy(raw_student, split, self.device)
         return evals
@@ -109,8 +140,15 @@ class Report:
         save_image(self.spec.denormalize(images).cpu(), path, nrow=8)
         return path
 
-    def summary(self, acc: float, iterations: int, wall_s: float, images_per_iteration: int,
-                teacher_archs: list[str], teacher_files: list) -> dict:  # fmt: skip
+    def summary(
+        self,
+        acc: float,
+        iterations: int,
+        wall_s: float,
+        images_per_iteration: int,
+        teacher_archs: list[str],
+        teacher_files: list,
+    ) -> dict:
         self.best_acc = max(self.best_acc, acc)
         speed = {
             "iterations": iterations,
@@ -154,13 +192,16 @@ def check_teachers(accs: list[float], archs: list[str], spec: InputSpec, source:
     for acc, arch in zip(accs, archs):
         if margin > 0 and acc < floor:
             raise DfkdError(
-                f"teacher {arch} scores {acc:.1f} % on {source} (chance is {chance:.1f} %): check input.mean/std "
+                f"teacher {arch} scores {acc:.1f} % on {source} (chance is {chance:.1f} %): "
+                "check input.mean/std "
                 "(its normalization), the architecture (teacher.arch) and eval.classes; "
                 "eval.min_teacher_margin=0 skips this check"
             )
 
 
-def student_meta(arch: str, dataset: str, spec: InputSpec, acc: float | None, teacher_acc: float | None) -> dict:
+def student_meta(
+    arch: str, dataset: str, spec: InputSpec, acc: float | None, teacher_acc: float | None
+) -> dict:
     """The student checkpoint's meta (the schema of dfkd.classifier_files), in the key order dfkd writes."""
     return {
         "arch": arch,

@@ -40,5 +40,10 @@ class InputSpec:
 
     def as_meta(self) -> dict:
         """The keys a dfkd classifier checkpoint's meta records the spec under."""
-        return {"in_channels": self.channels, "image_size": self.size, "num_classes": self.num_classes,
-                "mean": list(self.mean), "std": list(self.std)}  # fmt: skip
+        return {
+            "in_channels": self.channels,
+            "image_size": self.size,
+            "num_classes": self.num_classes,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }

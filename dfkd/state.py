@@ -1,7 +1,7 @@
 """A run's checkpoint: everything needed to continue bit for bit, and the resume compatibility check.
 
-Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak, generator_resets, config, latent_rngs (one per
-process), torch_rng, pool, one state_dict per trained network (student, generator, ema,
+Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak, generator_resets, config,
+latent_rngs (one per process), torch_rng, pool, one state_dict per trained network (student, generator, ema,
 generator_ema, discriminator, adapter, feature_adapters), opt_<player> and sched_<player> for
 s(tudent), g(enerator), d(iscriminator), memory (the replay memory), cuda_rng.
 """
@@ -26,9 +26,16 @@ if TYPE_CHECKING:
 MAY_CHANGE_ON_RESUME = ("perf", "tracking", "eval")
 # Keys a resumed run may change; the change is recorded in the run (resume/<key> in metrics.jsonl).
 TUNABLE_ON_RESUME = (
-    "train.iterations", "train.log_every", "train.eval_every", "train.sample_every", "train.checkpoint_every",
-    "train.max_rollbacks", "student_optim.lr", "generator_optim.lr", "discriminator_optim.lr",
-)  # fmt: skip
+    "train.iterations",
+    "train.log_every",
+    "train.eval_every",
+    "train.sample_every",
+    "train.checkpoint_every",
+    "train.max_rollbacks",
+    "student_optim.lr",
+    "generator_optim.lr",
+    "discriminator_optim.lr",
+)
 
 
 def run_state(run: Run) -> dict:
@@ -48,7 +55,10 @@ def run_state(run: Run) -> dict:
     }
     state.update({name: net.state_dict() for name, net in game.networks.items()})
     for name, player in game.players.items():
-        state[f"opt_{name}"], state[f"sched_{name}"] = player.optimizer.state_dict(), player.schedule.state_dict()
+        state[f"opt_{name}"], state[f"sched_{name}"] = (
+            player.optimizer.state_dict(),
+            player.schedule.state_dict(),
+        )
     state.update(game.batches.state_dict())
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -82,7 +92,8 @@ def check_resumable(saved: dict, cfg: ExperimentConfig, path: Path) -> dict[str,
     if fixed:
         raise DfkdError(
             f"cannot resume {path}: config differs from the saved run in {', '.join(fixed)} "
-            f"(a resumed run may change only {', '.join(TUNABLE_ON_RESUME)} and the perf, tracking and eval sections)"
+            f"(a resumed run may change only {', '.join(TUNABLE_ON_RESUME)} "
+            "and the perf, tracking and eval sections)"
         )
     return {k: change for k, change in changed.items() if k in TUNABLE_ON_RESUME}
 

@@ -1,6 +1,7 @@
 """Teachers: trained from a recipe (and cached, keyed by the recipe) or loaded from a file
 (dfkd.classifier_files reads every format); `save_classifier` writes dfkd's own checkpoint format.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,8 +93,11 @@ def train_classifier(
 
 def check_compatible(meta: dict, dataset: Dataset, source: str) -> None:
     info = dataset.info
-    expected = {"num_classes": info.num_classes, "in_channels": info.channels,
-                "image_size": dataset.image_size}  # fmt: skip
+    expected = {
+        "num_classes": info.num_classes,
+        "in_channels": info.channels,
+        "image_size": dataset.image_size,
+    }
     for key, value in expected.items():
         if meta.get(key) != value:
             raise DfkdError(
@@ -102,8 +106,12 @@ def check_compatible(meta: dict, dataset: Dataset, source: str) -> None:
 
 
 def get_teacher(
-    data: DataConfig, cfg: TeacherConfig, dataset: Dataset | None, device: torch.device,
-    progress: bool = True, shape: Shape | None = None,
+    data: DataConfig,
+    cfg: TeacherConfig,
+    dataset: Dataset | None,
+    device: torch.device,
+    progress: bool = True,
+    shape: Shape | None = None,
 ) -> tuple[nn.Module, dict]:
     """The teacher, frozen: eval mode and requires_grad False, once, for the whole run.
     `shape` = (channels, size, num_classes) of its inputs and logits, by default the dataset's: it
@@ -116,8 +124,10 @@ def get_teacher(
         model, meta = load_classifier(path, cfg.arch, cfg.kwargs, shape, cfg.trust_pickle)
     else:
         if dataset is None:
-            raise DfkdError("teacher.checkpoint is not set and there is no dataset to train a teacher on: "
-                            "set teacher.checkpoint, or data.name to a dataset")  # fmt: skip
+            raise DfkdError(
+                "teacher.checkpoint is not set and there is no dataset to train a teacher on: "
+                "set teacher.checkpoint, or data.name to a dataset"
+            )
         path = cache_dir() / "teachers" / f"{recipe_key(data, cfg)}.pt"
         if path.is_file():
             model, meta = load_classifier(path, kwargs=cfg.kwargs)
@@ -126,8 +136,14 @@ def get_teacher(
             model = train_classifier(cfg, dataset, device, progress)
             extra = {"kwargs": cfg.kwargs} if cfg.kwargs else {}  # a user's network is rebuilt with them
             acc = accuracy(model, dataset.test, device)
-            meta = classifier_meta(cfg.arch, dataset, acc, recipe=dataclasses.asdict(cfg),
-                                   train_s=round(time.perf_counter() - start, 1), **extra)  # fmt: skip
+            meta = classifier_meta(
+                cfg.arch,
+                dataset,
+                acc,
+                recipe=dataclasses.asdict(cfg),
+                train_s=round(time.perf_counter() - start, 1),
+                **extra,
+            )
             save_classifier(path, model, meta)
             meta = {**meta, "format": "dfkd"}
     meta = {**meta, "path": str(path)}

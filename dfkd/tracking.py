@@ -3,6 +3,7 @@
 The JSONL file is the record of truth; W&B is the dashboard. Any W&B failure is reported once
 and W&B is switched off for the rest of the run: a tracker never stops training.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ class Tracker:
     a rollback replaces is tagged `superseded`.
     """
 
-    def __init__(self, run_dir: Path, cfg: TrackingConfig, config: dict, run_id: str,
-                 resume_step: int | None = None):  # fmt: skip
+    def __init__(
+        self, run_dir: Path, cfg: TrackingConfig, config: dict, run_id: str, resume_step: int | None = None
+    ):
         self.run_dir, self.cfg, self.config, self.run_id = run_dir, cfg, config, run_id
         self.metrics_path = run_dir / "metrics.jsonl"
         self.images: list[tuple[str, Path, int]] = []  # what log_image sent, replayed after a rollback
@@ -75,8 +77,11 @@ class Tracker:
 
                 wandb.teardown()  # the failed online run still holds its id
                 waited = time.monotonic() - start
-                warnings.warn(f"{self._unreached(err, waited)}; logging offline, upload later with: "
-                              f"wandb sync {self.run_dir / 'wandb'}/offline-run-*", stacklevel=3)  # fmt: skip
+                warnings.warn(
+                    f"{self._unreached(err, waited)}; logging offline, upload later with: "
+                    f"wandb sync {self.run_dir / 'wandb'}/offline-run-*",
+                    stacklevel=3,
+                )
                 self.mode = "offline"
         if self.run is None:
             self.run = self._call(self._init_wandb, wandb_id)
@@ -102,11 +107,18 @@ class Tracker:
         flush = {name: FLUSH_S} if name in fields else {}
         cfg = self.cfg
         return wandb.init(
-            project=cfg.project, entity=cfg.entity, name=cfg.run_name or self.run_dir.name, id=wandb_id,
-            group=self.run_id, resume="allow", config=self.config, dir=str(self.run_dir), mode=self.mode,
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.run_name or self.run_dir.name,
+            id=wandb_id,
+            group=self.run_id,
+            resume="allow",
+            config=self.config,
+            dir=str(self.run_dir),
+            mode=self.mode,
             reinit="create_new",
             settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off", silent=True, **flush),
-        )  # fmt: skip
+        )
 
     def _new_id(self) -> str:
         return f"{self.run_id}-{uuid.uuid4().hex[:6]}"

@@ -1,4 +1,5 @@
 """Discriminators: one real/fake logit per example, teacher views being real, student views fake."""
+
 from __future__ import annotations
 
 import functools
@@ -23,10 +24,12 @@ class OutputMLP(nn.Module):
         super().__init__()
         sn = functools.partial(_maybe_sn, spectral_norm=spectral_norm)
         self.net = nn.Sequential(
-            sn(nn.Linear(num_classes, width)), nn.LeakyReLU(0.2),
-            sn(nn.Linear(width, width)), nn.LeakyReLU(0.2),
+            sn(nn.Linear(num_classes, width)),
+            nn.LeakyReLU(0.2),
+            sn(nn.Linear(width, width)),
+            nn.LeakyReLU(0.2),
             sn(nn.Linear(width, 1)),
-        )  # fmt: skip
+        )
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         return self.net(probs).squeeze(1)
@@ -42,11 +45,14 @@ class FeatureConv(nn.Module):
         super().__init__()
         sn = functools.partial(_maybe_sn, spectral_norm=spectral_norm)
         self.net = nn.Sequential(
-            sn(nn.Conv2d(channels, width, 3, padding=1)), nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(width, width, 3, padding=1)), nn.LeakyReLU(0.2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            sn(nn.Conv2d(channels, width, 3, padding=1)),
+            nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(width, width, 3, padding=1)),
+            nn.LeakyReLU(0.2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
             sn(nn.Linear(width, 1)),
-        )  # fmt: skip
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features).squeeze(1)

@@ -1,4 +1,6 @@
-"""The DFAD generator (Fang et al. 2019): linear -> BN -> 2×(upsample, conv, BN, LeakyReLU) -> conv -> tanh -> BN."""
+"""The DFAD generator (Fang et al. 2019):
+linear -> BN -> 2×(upsample, conv, BN, LeakyReLU) -> conv -> tanh -> BN."""
+
 import torch
 import torch.nn as nn
 
@@ -8,7 +10,9 @@ from generators.registry import GENERATORS, output_layer
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     """channels_last only for a tensor stored NHWC and not also NCHW (one channel, or 1×1 maps, are both)."""
-    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    channels_last = (
+        t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    )
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
@@ -20,23 +24,43 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     if memory_format_of(x) is torch.channels_last:
         nhwc = x.permute(0, 2, 3, 1)
-        return nhwc[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+        return (
+            nhwc[:, :, None, :, None, :]
+            .expand(n, h, 2, w, 2, c)
+            .reshape(n, 2 * h, 2 * w, c)
+            .permute(0, 3, 1, 2)
+        )
     return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
 class DFADGenerator(nn.Module):
-    def __init__(self, latent_dim: int = 100, width: int = 64, channels: int = 1, image_size: int = 32, pixel_stats=None):
+    def __init__(
+        self,
+        latent_dim: int = 100,
+        width: int = 64,
+        channels: int = 1,
+        image_size: int = 32,
+        pixel_stats=None,
+    ):
         super().__init__()
         if image_size % 4:
             raise DfkdError(f"the dfad generator needs data.image_size divisible by 4, got {image_size}")
         self.init_size = image_size // 4
         self.fc = nn.Linear(latent_dim, 2 * width * self.init_size**2)
         self.bn0 = nn.BatchNorm2d(2 * width)
-        self.block1 = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 1, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True))
-        self.block2 = nn.Sequential(nn.Conv2d(2 * width, width, 3, 1, 1), nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True))
+        self.block1 = nn.Sequential(
+            nn.Conv2d(2 * width, 2 * width, 3, 1, 1),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2, inplace=True),
+        )
+        self.block2 = nn.Sequential(
+            nn.Conv2d(2 * width, width, 3, 1, 1), nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True)
+        )
         # tanh, then a non-affine BN (outputs standardized per channel, like normalized real images)
         # or the valid pixel range in normalized space (generator.output: pixels).
-        self.head = nn.Sequential(nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh(), output_layer(channels, pixel_stats))
+        self.head = nn.Sequential(
+            nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh(), output_layer(channels, pixel_stats)
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.bn0(self.fc(z).view(z.shape[0], -1, self.init_size, self.init_size))

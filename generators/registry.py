@@ -29,8 +29,16 @@ def output_layer(channels: int, pixel_stats: tuple[tuple[float, ...], tuple[floa
     return nn.BatchNorm2d(channels, affine=False) if pixel_stats is None else PixelsToNormalized(*pixel_stats)
 
 
-def build_generator(name: str, latent_dim: int, width: int, channels: int, image_size: int,
-                    output: str = "standardized", mean=None, std=None) -> nn.Module:  # fmt: skip
+def build_generator(
+    name: str,
+    latent_dim: int,
+    width: int,
+    channels: int,
+    image_size: int,
+    output: str = "standardized",
+    mean=None,
+    std=None,
+) -> nn.Module:
     """`output`: `standardized` (DFAD) or `pixels` (needs the data's normalization `mean`, `std`)."""
     if output not in OUTPUTS:
         raise DfkdError(f"generator.output must be one of {', '.join(OUTPUTS)}; got {output!r}")

@@ -115,11 +115,16 @@ def main() -> None:
     student = torch.jit.load(str(exported))
     x, y = to_input(x_held), torch.from_numpy(y_held).long()
     t_acc, s_acc = accuracy(teacher, x, y), accuracy(student, x, y)
-    print(f"teacher    torchvision ResNet-18, {t_acc:.2f} % on the 1,000 held-out digits ({teacher_s:.0f} s to train)")
+    print(
+        f"teacher    torchvision ResNet-18, {t_acc:.2f} % on the 1,000 held-out digits "
+        f"({teacher_s:.0f} s to train)"
+    )
     print(f"student    LeNet-5-half, {s_acc:.2f} % (TorchScript, reloaded with torch alone: {exported})")
     print(f"ratio      {s_acc / t_acc:.3f}")
-    print(f"wall time  {distill_s:.0f} s distilling ({args.iterations} iterations), "
-          f"summary ratio {result.summary['ratio']:.3f}")  # fmt: skip
+    print(
+        f"wall time  {distill_s:.0f} s distilling ({args.iterations} iterations), "
+        f"summary ratio {result.summary['ratio']:.3f}"
+    )
 
 
 if __name__ == "__main__":

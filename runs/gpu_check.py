@@ -9,6 +9,7 @@ machine with a CUDA GPU and record the figures with the hardware's name:
 Without --cifar-root it writes random images in CIFAR-10's binary layout to a temporary folder and
 trains a one-epoch stand-in teacher on them: throughput does not depend on what the teacher knows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,26 +33,50 @@ def stand_in_cifar10(root: Path, records: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cifar-root", type=Path, help="folder holding cifar-10-batches-bin (default: random stand-in)")
+    p.add_argument(
+        "--cifar-root", type=Path, help="folder holding cifar-10-batches-bin (default: random stand-in)"
+    )
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu for a smoke test of this script")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--iterations", type=int, default=20, help="iterations per timing")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--records", type=int, default=1000, help="stand-in images per CIFAR file (6 files)")
-    p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True, help="time each fast path alone")
+    p.add_argument(
+        "--variants", action=argparse.BooleanOptionalAction, default=True, help="time each fast path alone"
+    )
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; run it on a machine with a GPU (or --device cpu to smoke-test)", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device here; run it on a machine with a GPU (or --device cpu to smoke-test)",
+            file=sys.stderr,
+        )
         return 2
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")
     # (a CPU smoke test leaves out bf16, which is CUDA-only, and compile, minutes on a CPU for ResNets)
-    fast = ["perf.channels_last=true", "perf.fused_optimizers=true", *(["perf.compile=true", "perf.autocast=bf16"] if cuda else [])]
+    fast = [
+        "perf.channels_last=true",
+        "perf.fused_optimizers=true",
+        *(["perf.compile=true", "perf.autocast=bf16"] if cuda else []),
+    ]
     with tempfile.TemporaryDirectory(prefix="dfkd-gpu-check-") as tmp:
         root = args.cifar_root or stand_in_cifar10(Path(tmp), args.records)
-        return dfkd(["bench", str(PRESET), f"data.root={root}", "teacher.epochs=1", f"train.device={args.device}",
-                     f"train.batch_size={args.batch_size}", "--iterations", str(args.iterations), "--repeats",
-                     str(args.repeats), "--variants" if args.variants else "--no-variants", *fast])  # fmt: skip
+        return dfkd(
+            [
+                "bench",
+                str(PRESET),
+                f"data.root={root}",
+                "teacher.epochs=1",
+                f"train.device={args.device}",
+                f"train.batch_size={args.batch_size}",
+                "--iterations",
+                str(args.iterations),
+                "--repeats",
+                str(args.repeats),
+                "--variants" if args.variants else "--no-variants",
+                *fast,
+            ]
+        )
 
 
 if __name__ == "__main__":

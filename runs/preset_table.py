@@ -8,6 +8,7 @@ continues where it stopped; a run of another length (another --budget) is run ag
 
     python runs/preset_table.py --budget 120 --seeds 0 1 perf.autocast=bf16 perf.channels_last=true
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,22 @@ from dfkd.cli import main as dfkd
 
 RUNS = Path(__file__).parent
 PRESETS = {  # dataset -> (preset name, experiment file); "best" is the project's own recipe
-    "mnist5k": [("DFAD", "mnist5k_dfad"), ("ZSKT", "mnist5k_zskt"), ("DAFL", "mnist5k_dafl"),
-                ("DFQ", "mnist5k_dfq"), ("dfkd demo", "mnist5k_demo"), ("best", "mnist5k_recipe")],
-    "fmnist": [("DFAD", "fmnist_dfad"), ("ZSKT", "fmnist_zskt"), ("DAFL", "fmnist_dafl"),
-               ("DFQ", "fmnist_dfq"), ("best", "fmnist_lenet5")],
-}  # fmt: skip
+    "mnist5k": [
+        ("DFAD", "mnist5k_dfad"),
+        ("ZSKT", "mnist5k_zskt"),
+        ("DAFL", "mnist5k_dafl"),
+        ("DFQ", "mnist5k_dfq"),
+        ("dfkd demo", "mnist5k_demo"),
+        ("best", "mnist5k_recipe"),
+    ],
+    "fmnist": [
+        ("DFAD", "fmnist_dfad"),
+        ("ZSKT", "fmnist_zskt"),
+        ("DAFL", "fmnist_dafl"),
+        ("DFQ", "fmnist_dfq"),
+        ("best", "fmnist_lenet5"),
+    ],
+}
 CALIBRATION_ITERATIONS = 20
 
 
@@ -38,8 +50,15 @@ def run(config: Path, out: Path, iterations: int, seed: int, overrides: list[str
     summary = out / "summary.json"
     if summary.exists() and (finished := json.loads(summary.read_text())).get("iterations") == iterations:
         return finished
-    argv = ["run", str(config), *settings(overrides, iterations), f"--seed={seed}", f"--out={out}",
-            "--overwrite", "--no-progress"]  # fmt: skip
+    argv = [
+        "run",
+        str(config),
+        *settings(overrides, iterations),
+        f"--seed={seed}",
+        f"--out={out}",
+        "--overwrite",
+        "--no-progress",
+    ]
     if dfkd(argv) != 0:
         raise SystemExit(f"preset_table: the run in {out} failed; see its output above")
     return json.loads(summary.read_text())
@@ -51,24 +70,47 @@ def row(name: str, config: str, iterations: int, overrides: list[str], runs: lis
     spread = f"{min(accs):.2f}–{max(accs):.2f}" if len(accs) > 1 else "one seed"
     wall = statistics.mean(r["wall_s"] for r in runs)
     command = " ".join(["dfkd run", config, *settings(overrides, iterations), "--seed=S"])
-    return (f"| {name} | {runs[0]['teacher_acc']:.2f} | {statistics.mean(accs):.2f} ({spread}) | "
-            f"{statistics.mean(ratios):.3f} | {iterations} | {wall:.0f} s | `{command}` |")  # fmt: skip
+    return (
+        f"| {name} | {runs[0]['teacher_acc']:.2f} | {statistics.mean(accs):.2f} ({spread}) | "
+        f"{statistics.mean(ratios):.3f} | {iterations} | {wall:.0f} s | `{command}` |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run, e.g. perf.autocast=bf16")
-    p.add_argument("--budget", type=float, default=120.0, metavar="SECONDS", help="distilling wall time per run (default 120)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides for every run, e.g. perf.autocast=bf16",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="distilling wall time per run (default 120)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S")
     p.add_argument("--datasets", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
-    p.add_argument("--out", type=Path, default=Path("outputs/preset_table"), help="folder for the runs (default outputs/preset_table)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/preset_table"),
+        help="folder for the runs (default outputs/preset_table)",
+    )
     args = p.parse_args(argv)
     for dataset in args.datasets:
         print(f"\n{dataset}, budget {args.budget:.0f} s per run, seeds {args.seeds}\n", flush=True)
-        lines = ["| preset | teacher | student mean (min–max) | ratio | iterations | wall | command |", "|---|---|---|---|---|---|---|"]
+        lines = [
+            "| preset | teacher | student mean (min–max) | ratio | iterations | wall | command |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, stem in PRESETS[dataset]:
             config = RUNS / f"{stem}.yaml"
-            calibration = run(config, args.out / f"{stem}_calibration", CALIBRATION_ITERATIONS, 0, args.overrides)
+            calibration = run(
+                config, args.out / f"{stem}_calibration", CALIBRATION_ITERATIONS, 0, args.overrides
+            )
             iterations = max(1, int(args.budget * CALIBRATION_ITERATIONS / calibration["wall_s"]))
             runs = [run(config, args.out / f"{stem}_s{s}", iterations, s, args.overrides) for s in args.seeds]
             lines.append(row(name, f"runs/{stem}.yaml", iterations, args.overrides, runs))

@@ -37,8 +37,14 @@ def tiny_config(**sections) -> ExperimentConfig:
     data = {
         "teacher": {"epochs": 1},
         "generator": {"width": 4},
-        "train": {"iterations": 4, "batch_size": 16, "log_every": 2, "eval_every": 2, "sample_every": 2,
-                  "checkpoint_every": 2},
+        "train": {
+            "iterations": 4,
+            "batch_size": 16,
+            "log_every": 2,
+            "eval_every": 2,
+            "sample_every": 2,
+            "checkpoint_every": 2,
+        },
         "tracking": {"mode": "disabled"},
     }
     for name, values in sections.items():

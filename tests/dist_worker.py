@@ -1,6 +1,7 @@
 """One torchrun process of tests/test_distributed.py: the real `dfkd run`. Each rank keeps the
 batches its student steps drew and, on the way out, saves them with its own student weights
 (rank 0 alone writes the run)."""
+
 import os
 import sys
 from pathlib import Path

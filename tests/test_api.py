@@ -16,9 +16,17 @@ from dfkd.models import build_classifier
 from dfkd.teachers import get_teacher
 
 MNIST = dfkd.InputSpec(channels=1, size=32, num_classes=10, mean=MNIST_INFO.mean, std=MNIST_INFO.std)
-QUICK = {"train.iterations": 4, "train.batch_size": 16, "train.log_every": 2, "train.eval_every": 2,
-         "train.sample_every": 2, "train.checkpoint_every": 2, "generator.width": 4, "tracking.mode": "disabled",
-         "eval.synthetic_holdout": 64}  # fmt: skip
+QUICK = {
+    "train.iterations": 4,
+    "train.batch_size": 16,
+    "train.log_every": 2,
+    "train.eval_every": 2,
+    "train.sample_every": 2,
+    "train.checkpoint_every": 2,
+    "generator.width": 4,
+    "tracking.mode": "disabled",
+    "eval.synthetic_holdout": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +56,16 @@ def test_distill_a_module_teacher_into_a_module_student(teacher_and_test, tmp_pa
     teacher, images, labels, data = teacher_and_test
     student = build_classifier("lenet5_half", 1, 10, 32)
     seen = []
-    result = dfkd.distill(teacher, student=student, input=MNIST, eval_data=(images, labels), overrides=QUICK,
-                          out=tmp_path / "run", progress=False, callback=lambda step, m: seen.append(step))  # fmt: skip
+    result = dfkd.distill(
+        teacher,
+        student=student,
+        input=MNIST,
+        eval_data=(images, labels),
+        overrides=QUICK,
+        out=tmp_path / "run",
+        progress=False,
+        callback=lambda step, m: seen.append(step),
+    )
     assert result.student is student and not result.student.training
     assert seen == [2, 4]
     expected = accuracy(teacher, data.test)  # the same 1,000 digits through dfkd's own loader
@@ -62,8 +78,15 @@ def test_distill_a_module_teacher_into_a_module_student(teacher_and_test, tmp_pa
 
 def test_load_student_returns_a_ready_module_and_its_input_spec(teacher_and_test, tmp_path):
     teacher, images, labels, data = teacher_and_test
-    result = dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=(images, labels),
-                          overrides=QUICK, out=tmp_path / "run", progress=False)  # fmt: skip
+    result = dfkd.distill(
+        teacher,
+        student="lenet5_half",
+        input=MNIST,
+        eval_data=(images, labels),
+        overrides=QUICK,
+        out=tmp_path / "run",
+        progress=False,
+    )
     loaded, spec = dfkd.load_student(tmp_path / "run")
     assert spec == MNIST and not loaded.training
     x = data.test.images[:8]
@@ -72,19 +95,37 @@ def test_load_student_returns_a_ready_module_and_its_input_spec(teacher_and_test
 
 def test_a_callback_that_returns_false_ends_the_run_with_a_summary(teacher_and_test, tmp_path):
     teacher, images, labels, _ = teacher_and_test
-    result = dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=(images, labels),
-                          overrides={**QUICK, "train.iterations": 10}, out=tmp_path / "run", progress=False,
-                          callback=lambda step, m: step < 4)  # fmt: skip
+    result = dfkd.distill(
+        teacher,
+        student="lenet5_half",
+        input=MNIST,
+        eval_data=(images, labels),
+        overrides={**QUICK, "train.iterations": 10},
+        out=tmp_path / "run",
+        progress=False,
+        callback=lambda step, m: step < 4,
+    )
     assert result.summary["iterations"] == 4
     assert (tmp_path / "run" / "student.pt").exists()
-    assert dfkd.distill(teacher, student="lenet5_half", input=MNIST, overrides={**QUICK, "train.iterations": 10},
-                        out=tmp_path / "run", progress=False, resume=True).summary["iterations"] == 10  # fmt: skip
+    assert (
+        dfkd.distill(
+            teacher,
+            student="lenet5_half",
+            input=MNIST,
+            overrides={**QUICK, "train.iterations": 10},
+            out=tmp_path / "run",
+            progress=False,
+            resume=True,
+        ).summary["iterations"]
+        == 10
+    )
 
 
 def test_with_no_evaluation_data_the_summary_says_no_real_accuracy_exists(teacher_and_test, tmp_path):
     teacher = teacher_and_test[0]
-    result = dfkd.distill(teacher, student="lenet5_half", input=MNIST, overrides=QUICK, out=tmp_path / "run",
-                          progress=False)  # fmt: skip
+    result = dfkd.distill(
+        teacher, student="lenet5_half", input=MNIST, overrides=QUICK, out=tmp_path / "run", progress=False
+    )
     s = result.summary
     assert s["teacher_acc"] is None and s["student_acc"] is None and s["ratio"] is None
     assert 0.0 <= s["synthetic_agreement"] <= 100.0
@@ -109,16 +150,37 @@ def test_evaluation_on_an_image_folder_and_an_npz_file_the_user_wrote(teacher_an
     write_image_folder(tmp_path / "holdout", images, labels, names)
     np.savez(tmp_path / "holdout.npz", images=images[..., None], labels=labels)  # NHWC uint8
     expected = accuracy(teacher, data.test)
-    folder = dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=tmp_path / "holdout",
-                          overrides={**QUICK, "eval.classes": names}, out=tmp_path / "a", progress=False)  # fmt: skip
-    npz = dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=tmp_path / "holdout.npz",
-                       overrides=QUICK, out=tmp_path / "b", progress=False)  # fmt: skip
+    folder = dfkd.distill(
+        teacher,
+        student="lenet5_half",
+        input=MNIST,
+        eval_data=tmp_path / "holdout",
+        overrides={**QUICK, "eval.classes": names},
+        out=tmp_path / "a",
+        progress=False,
+    )
+    npz = dfkd.distill(
+        teacher,
+        student="lenet5_half",
+        input=MNIST,
+        eval_data=tmp_path / "holdout.npz",
+        overrides=QUICK,
+        out=tmp_path / "b",
+        progress=False,
+    )
     assert folder.summary["teacher_acc"] == pytest.approx(expected, abs=0.11)
     assert npz.summary["teacher_acc"] == pytest.approx(expected, abs=0.11)
     # sorted folder names are not the teacher's class order: without eval.classes the teacher looks bad
     with pytest.raises(DfkdError, match="scores .* % on .*holdout.*eval.classes"):
-        dfkd.distill(teacher, student="lenet5_half", input=MNIST, eval_data=tmp_path / "holdout", overrides=QUICK,
-                     out=tmp_path / "c", progress=False)  # fmt: skip
+        dfkd.distill(
+            teacher,
+            student="lenet5_half",
+            input=MNIST,
+            eval_data=tmp_path / "holdout",
+            overrides=QUICK,
+            out=tmp_path / "c",
+            progress=False,
+        )
     assert not (tmp_path / "c").exists(), "a run refused before training leaves no directory"
 
 
@@ -126,20 +188,43 @@ def test_a_teacher_with_the_wrong_normalization_is_refused_before_training(teach
     teacher, images, labels, _ = teacher_and_test
     wrong = dfkd.InputSpec(1, 32, 10, mean=(0.9,), std=(0.05,))
     with pytest.raises(DfkdError, match="input.mean/std .*eval.min_teacher_margin=0 skips"):
-        dfkd.distill(teacher, input=wrong, eval_data=(images, labels), overrides=QUICK, out=tmp_path / "run",
-                     progress=False)  # fmt: skip
-    result = dfkd.distill(teacher, input=wrong, eval_data=(images, labels), out=tmp_path / "run", progress=False,
-                          overrides={**QUICK, "eval.min_teacher_margin": 0.0})  # fmt: skip
+        dfkd.distill(
+            teacher,
+            input=wrong,
+            eval_data=(images, labels),
+            overrides=QUICK,
+            out=tmp_path / "run",
+            progress=False,
+        )
+    result = dfkd.distill(
+        teacher,
+        input=wrong,
+        eval_data=(images, labels),
+        out=tmp_path / "run",
+        progress=False,
+        overrides={**QUICK, "eval.min_teacher_margin": 0.0},
+    )
     assert result.summary["teacher_acc"] < 50
 
 
 def test_a_state_dict_teacher_needs_its_normalization_named(teacher_and_test, tmp_path):
     torch.save(teacher_and_test[0].state_dict(), tmp_path / "plain.pt")
-    with pytest.raises(DfkdError, match="does not record the input normalization.*set input.mean and input.std"):
-        dfkd.distill(tmp_path / "plain.pt", overrides={**QUICK, "teacher.arch": "lenet5", "input.channels": 1,
-                     "input.num_classes": 10}, out=tmp_path / "run", progress=False)  # fmt: skip
-    result = dfkd.distill(tmp_path / "plain.pt", input=MNIST, overrides={**QUICK, "teacher.arch": "lenet5"},
-                          out=tmp_path / "run", progress=False)  # fmt: skip
+    with pytest.raises(
+        DfkdError, match="does not record the input normalization.*set input.mean and input.std"
+    ):
+        dfkd.distill(
+            tmp_path / "plain.pt",
+            overrides={**QUICK, "teacher.arch": "lenet5", "input.channels": 1, "input.num_classes": 10},
+            out=tmp_path / "run",
+            progress=False,
+        )
+    result = dfkd.distill(
+        tmp_path / "plain.pt",
+        input=MNIST,
+        overrides={**QUICK, "teacher.arch": "lenet5"},
+        out=tmp_path / "run",
+        progress=False,
+    )
     assert result.summary["synthetic_agreement"] >= 0
 
 
@@ -149,11 +234,16 @@ def test_an_input_spec_that_disagrees_with_the_checkpoint_is_refused(tmp_path):
     meta = {"arch": "lenet5", "dataset": "mnist5k", **MNIST.as_meta(), "test_acc": 90.0}
     save_classifier(tmp_path / "t.pt", build_classifier("lenet5", 1, 10, 32), meta)
     with pytest.raises(DfkdError, match="input.num_classes=5 disagrees with teacher .*num_classes=10"):
-        dfkd.distill(tmp_path / "t.pt", overrides={**QUICK, "input.num_classes": 5}, out=tmp_path / "r",
-                     progress=False)  # fmt: skip
+        dfkd.distill(
+            tmp_path / "t.pt", overrides={**QUICK, "input.num_classes": 5}, out=tmp_path / "r", progress=False
+        )
     with pytest.raises(DfkdError, match=r"input.mean/std \(\[0.5\], \[0.5\]\) disagree with teacher"):
-        dfkd.distill(tmp_path / "t.pt", overrides={**QUICK, "input.mean": [0.5], "input.std": [0.5]},
-                     out=tmp_path / "r", progress=False)  # fmt: skip
+        dfkd.distill(
+            tmp_path / "t.pt",
+            overrides={**QUICK, "input.mean": [0.5], "input.std": [0.5]},
+            out=tmp_path / "r",
+            progress=False,
+        )
 
 
 def test_a_torchscript_teacher_is_run_once_at_the_declared_input(teacher_and_test, tmp_path):
@@ -170,7 +260,12 @@ def test_a_pool_of_teacher_files(teacher_and_test, tmp_path):
     teacher = teacher_and_test[0]
     torch.jit.trace(teacher, torch.zeros(1, 1, 32, 32)).save(str(tmp_path / "a.ts"))
     torch.save(teacher.state_dict(), tmp_path / "b.pt")
-    result = dfkd.distill([tmp_path / "a.ts", tmp_path / "b.pt"], input=MNIST, progress=False, out=tmp_path / "r",
-                          overrides={**QUICK, "teacher.arch": "lenet5"})  # fmt: skip
+    result = dfkd.distill(
+        [tmp_path / "a.ts", tmp_path / "b.pt"],
+        input=MNIST,
+        progress=False,
+        out=tmp_path / "r",
+        overrides={**QUICK, "teacher.arch": "lenet5"},
+    )
     assert result.summary["teacher_archs"] == ["torchscript", "lenet5"]
     assert result.config.teachers[1].checkpoint == str(tmp_path / "b.pt")

@@ -1,4 +1,5 @@
 """The student's batch pipeline (dfkd.batches): source, the averaged generator's share, augmentations."""
+
 import torch
 import torch.nn as nn
 

@@ -9,10 +9,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_byo_teacher_script_runs_its_whole_story(tmp_path):
     out = tmp_path / "byo"
-    done = subprocess.run([sys.executable, str(REPO / "runs" / "byo_teacher.py"), "--out", str(out),
-                           "--iterations", "2", "--epochs", "1"], capture_output=True, text=True,
-                          env={"WANDB_MODE": "disabled", "PATH": "", "HOME": str(tmp_path),
-                               "DFKD_CACHE": str(tmp_path / "cache")}, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "runs" / "byo_teacher.py"),
+            "--out",
+            str(out),
+            "--iterations",
+            "2",
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={
+            "WANDB_MODE": "disabled",
+            "PATH": "",
+            "HOME": str(tmp_path),
+            "DFKD_CACHE": str(tmp_path / "cache"),
+        },
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = dict(line.split(maxsplit=1) for line in done.stdout.splitlines() if line.strip())
     assert lines.keys() >= {"teacher", "student", "ratio", "wall"}

@@ -1,7 +1,8 @@
 """The command line as a user meets it: exit codes, one-line errors, run directories, resume."""
+
 import json
-import pickle
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -14,9 +15,17 @@ from PIL import Image
 
 from dfkd.cli import main
 
-TINY = ["teacher.epochs=1", "generator.width=4", "train.batch_size=16", "train.log_every=2",
-        "train.eval_every=2", "train.sample_every=2", "train.checkpoint_every=2", "tracking.mode=disabled",
-        "--no-progress"]  # fmt: skip
+TINY = [
+    "teacher.epochs=1",
+    "generator.width=4",
+    "train.batch_size=16",
+    "train.log_every=2",
+    "train.eval_every=2",
+    "train.sample_every=2",
+    "train.checkpoint_every=2",
+    "tracking.mode=disabled",
+    "--no-progress",
+]
 
 
 def test_demo_end_to_end_prints_the_table(tmp_path, capsys):
@@ -29,8 +38,8 @@ def test_demo_end_to_end_prints_the_table(tmp_path, capsys):
     assert summary["iterations"] == 4
     # the printed table is the summary's figures, and the summary is the saved student's accuracy
     assert f"{summary['student_acc']:7.2f} %" in printed and f"{summary['ratio']:7.3f}" in printed
-    from dfkd.data import load_dataset
     from dfkd.config import load_config
+    from dfkd.data import load_dataset
     from dfkd.evaluate import accuracy
     from dfkd.export import load_student
 
@@ -80,8 +89,14 @@ def workspace(tmp_path_factory):
     assert main(["run", str(root / "exp.yaml"), "--out", str(root / "run"), "--iterations", "2", *TINY]) == 0
     (root / "broken.yaml").write_text("train: [1, 2\n")
     (root / "junk.pt").write_bytes(b"not a checkpoint")
-    meta = {"arch": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32, "mean": [0.1307],
-            "std": [0.3081]}  # fmt: skip
+    meta = {
+        "arch": "lenet5",
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 32,
+        "mean": [0.1307],
+        "std": [0.3081],
+    }
     save_classifier(root / "misfit.pt", build_classifier("lenet5_half", 1, 10, 32), meta)
     rgb = {**meta, "in_channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}
     save_classifier(root / "rgb.pt", build_classifier("lenet5", 3, 10, 32), rgb)
@@ -125,103 +140,189 @@ BAD_INPUT = {
     "zero batch size": (["train.batch_size=0"], "train.batch_size must be positive, got 0"),
     "negative steps": (["method.n_student_steps=-1"], "method.n_student_steps must be positive, got -1"),
     "zero learning rate": (["student_optim.lr=0"], "student_optim.lr must be positive, got 0.0"),
-    "unknown registry name": (["student.arch=lenet9"],
-                              "unknown classifier 'lenet9'; did you mean 'lenet5'? known:"),
+    "unknown registry name": (
+        ["student.arch=lenet9"],
+        "unknown classifier 'lenet9'; did you mean 'lenet5'? known:",
+    ),
     "missing checkpoint": (["teacher.checkpoint={w}/no_such.pt"], "checkpoint '{w}/no_such.pt' not found"),
-    "corrupt checkpoint": (["teacher.checkpoint={w}/junk.pt"],
-                           "checkpoint '{w}/junk.pt' is unreadable or corrupt"),
-    "weights misfit": (["teacher.checkpoint={w}/misfit.pt"],
-                       "checkpoint '{w}/misfit.pt' does not fit its architecture"),
-    "teacher input shape": (["teacher.checkpoint={w}/rgb.pt"],
-                            "rgb.pt' has in_channels=3 but the input has channels=1"),
-    "teachers disagree": (["teachers=[{checkpoint: {w}/good.pt}, {checkpoint: {w}/five.pt}]"],
-                          "teachers #0 ({w}/good.pt) and #1 ({w}/five.pt) disagree on num_classes: 10 vs 5"),
-    "missing dataset path": (["data.name=fashion_mnist", "data.root={w}/no/dir"],
-                             "data.root '{w}/no/dir' does not exist"),
+    "corrupt checkpoint": (
+        ["teacher.checkpoint={w}/junk.pt"],
+        "checkpoint '{w}/junk.pt' is unreadable or corrupt",
+    ),
+    "weights misfit": (
+        ["teacher.checkpoint={w}/misfit.pt"],
+        "checkpoint '{w}/misfit.pt' does not fit its architecture",
+    ),
+    "teacher input shape": (
+        ["teacher.checkpoint={w}/rgb.pt"],
+        "rgb.pt' has in_channels=3 but the input has channels=1",
+    ),
+    "teachers disagree": (
+        ["teachers=[{checkpoint: {w}/good.pt}, {checkpoint: {w}/five.pt}]"],
+        "teachers #0 ({w}/good.pt) and #1 ({w}/five.pt) disagree on num_classes: 10 vs 5",
+    ),
+    "missing dataset path": (
+        ["data.name=fashion_mnist", "data.root={w}/no/dir"],
+        "data.root '{w}/no/dir' does not exist",
+    ),
     "unwritable output": (["--out", "{w}/file/run"], "cannot write to run directory '{w}/file/run'"),
-    "existing run without --resume": (["--out", "{w}/run"],
-                                      "exists; pass --resume to continue it or --overwrite"),
-    "resume with another config": (["--resume", "method.loss=l1"],
-                                   "config differs from the saved run in method"),
+    "existing run without --resume": (
+        ["--out", "{w}/run"],
+        "exists; pass --resume to continue it or --overwrite",
+    ),
+    "resume with another config": (
+        ["--resume", "method.loss=l1"],
+        "config differs from the saved run in method",
+    ),
     "no CUDA": (["train.device=cuda"], "no CUDA device is available; use train.device=cpu"),
-    "missing argument": (["run"],
-                         "dfkd: error: the following arguments are required: config (see dfkd run --help)"),
-    "unknown option": (["--iterationz", "3"],
-                       "dfkd: error: unrecognized arguments: --iterationz (see dfkd --help)"),
+    "missing argument": (
+        ["run"],
+        "dfkd: error: the following arguments are required: config (see dfkd run --help)",
+    ),
+    "unknown option": (
+        ["--iterationz", "3"],
+        "dfkd: error: unrecognized arguments: --iterationz (see dfkd --help)",
+    ),
     "bad option value": (["layers", "lenet5", "--size", "x"], "argument --size: invalid int value: 'x'"),
     "unknown command": (["distil"], "argument COMMAND: invalid choice: 'distil'"),
-    "unknown shipped experiment": (["run", "no_such_experiment"],
-                                   "config file 'no_such_experiment' not found; give a YAML path or a"),
+    "unknown shipped experiment": (
+        ["run", "no_such_experiment"],
+        "config file 'no_such_experiment' not found; give a YAML path or a",
+    ),
     "empty config": (["run", "{w}/empty.yaml"], "config file '{w}/empty.yaml' is empty; write settings"),
-    "non-UTF-8 config": (["run", "{w}/latin1.yaml"],
-                         "config file '{w}/latin1.yaml' is not UTF-8 text (byte 0xe9 at offset 9)"),
+    "non-UTF-8 config": (
+        ["run", "{w}/latin1.yaml"],
+        "config file '{w}/latin1.yaml' is not UTF-8 text (byte 0xe9 at offset 9)",
+    ),
     "run --out is a file": (["--out", "{w}/file"], "--out '{w}/file' is a file, not a run directory"),
-    "fresh --out, bad teacher": (["--out", "{w}/fresh/run", "teacher.checkpoint={w}/junk.pt"],
-                                 "checkpoint '{w}/junk.pt' is unreadable or corrupt"),
-    "resume a foreign checkpoint": (["--out", "{w}/listrun", "--resume"],
-                                    "'{w}/listrun/checkpoints/last.pt' is not a dfkd run checkpoint"),
-    "teacher --out exists": (["train-teacher", "--out", "{w}/good.pt"],
-                             "'{w}/good.pt' exists; pass --overwrite"),
+    "fresh --out, bad teacher": (
+        ["--out", "{w}/fresh/run", "teacher.checkpoint={w}/junk.pt"],
+        "checkpoint '{w}/junk.pt' is unreadable or corrupt",
+    ),
+    "resume a foreign checkpoint": (
+        ["--out", "{w}/listrun", "--resume"],
+        "'{w}/listrun/checkpoints/last.pt' is not a dfkd run checkpoint",
+    ),
+    "teacher --out exists": (
+        ["train-teacher", "--out", "{w}/good.pt"],
+        "'{w}/good.pt' exists; pass --overwrite",
+    ),
     "teacher --out is a directory": (["train-teacher", "--out", "{w}/run"], "--out '{w}/run' is a directory"),
-    "teacher --out under a file": (["train-teacher", "--out", "{w}/file/t.pt"],
-                                   "'{w}/file' is a file, not a directory"),
-    "teacher --out under /proc": (["train-teacher", "--out", "/proc/dfkd/t.pt"],
-                                  "cannot write to '/proc/dfkd'"),
-    "teacher override holding a path": (["train-teacher", "data.root={w}/no/dir", "data.name=fashion_mnist",
-                                         "--out", "{w}/t.pt"], "data.root '{w}/no/dir' does not exist"),
-    "bench override holding a path": (["bench", "teacher.checkpoint={w}/junk.pt"],
-                                      "checkpoint '{w}/junk.pt' is unreadable or corrupt"),
+    "teacher --out under a file": (
+        ["train-teacher", "--out", "{w}/file/t.pt"],
+        "'{w}/file' is a file, not a directory",
+    ),
+    "teacher --out under /proc": (
+        ["train-teacher", "--out", "/proc/dfkd/t.pt"],
+        "cannot write to '/proc/dfkd'",
+    ),
+    "teacher override holding a path": (
+        ["train-teacher", "data.root={w}/no/dir", "data.name=fashion_mnist", "--out", "{w}/t.pt"],
+        "data.root '{w}/no/dir' does not exist",
+    ),
+    "bench override holding a path": (
+        ["bench", "teacher.checkpoint={w}/junk.pt"],
+        "checkpoint '{w}/junk.pt' is unreadable or corrupt",
+    ),
     "layers zero channels": (["layers", "lenet5", "--channels", "0"], "--channels must be positive, got 0"),
     "layers negative size": (["layers", "lenet5", "--size", "-1"], "--size must be positive, got -1"),
     "layers zero classes": (["layers", "lenet5", "--classes", "0"], "--classes must be positive, got 0"),
-    "export unknown format": (["export", "{w}/run", "--format", "zip"],
-                              "argument --format: invalid choice: 'zip'"),
+    "export unknown format": (
+        ["export", "{w}/run", "--format", "zip"],
+        "argument --format: invalid choice: 'zip'",
+    ),
     "export without a student": (["export", "{w}/listrun", "--format", "onnx"], "holds no student.pt"),
-    "export --out exists": (["export", "{w}/run", "--format", "onnx", "--out", "{w}/file"],
-                            "'{w}/file' exists; pass --overwrite to replace it"),
-    "export --out is a directory": (["export", "{w}/run", "--format", "torchscript", "--out", "{w}/run"],
-                                    "--out '{w}/run' is a directory"),
-    "export --out under a file": (["export", "{w}/run", "--format", "exported", "--out", "{w}/file/s.pt2"],
-                                  "'{w}/file' is a file, not a directory"),
-    "convert a TorchScript file": (["convert", "{w}/teacher.ts", "--out", "{w}/new.pt", *CONVERT],
-                                   "is a TorchScript archive (a graph, not weights of a dfkd architecture) "
-                                   "and cannot be stored as a dfkd state_dict checkpoint; use it directly: "
-                                   "teacher.checkpoint={w}/teacher.ts"),
-    "convert --out exists": (["convert", "{w}/good.pt", "--out", "{w}/five.pt", *CONVERT],
-                             "'{w}/five.pt' exists; pass --overwrite"),
-    "convert without --mean": (["convert", "{w}/good.pt", "--out", "{w}/new.pt", "--arch", "lenet5"],
-                               "dfkd convert needs --mean and --std"),
-    "convert without a shape": (["convert", "{w}/plain.pt", "--out", "{w}/new.pt", *CONVERT],
-                                "a plain state_dict records no input shape; give --channels"),
-    "state_dict fits no given arch": (["teacher.checkpoint={w}/plain.pt", "teacher.arch=mlp"],
-                                      "does not fit"),
+    "export --out exists": (
+        ["export", "{w}/run", "--format", "onnx", "--out", "{w}/file"],
+        "'{w}/file' exists; pass --overwrite to replace it",
+    ),
+    "export --out is a directory": (
+        ["export", "{w}/run", "--format", "torchscript", "--out", "{w}/run"],
+        "--out '{w}/run' is a directory",
+    ),
+    "export --out under a file": (
+        ["export", "{w}/run", "--format", "exported", "--out", "{w}/file/s.pt2"],
+        "'{w}/file' is a file, not a directory",
+    ),
+    "convert a TorchScript file": (
+        ["convert", "{w}/teacher.ts", "--out", "{w}/new.pt", *CONVERT],
+        "is a TorchScript archive (a graph, not weights of a dfkd architecture) "
+        "and cannot be stored as a dfkd state_dict checkpoint; use it directly: "
+        "teacher.checkpoint={w}/teacher.ts",
+    ),
+    "convert --out exists": (
+        ["convert", "{w}/good.pt", "--out", "{w}/five.pt", *CONVERT],
+        "'{w}/five.pt' exists; pass --overwrite",
+    ),
+    "convert without --mean": (
+        ["convert", "{w}/good.pt", "--out", "{w}/new.pt", "--arch", "lenet5"],
+        "dfkd convert needs --mean and --std",
+    ),
+    "convert without a shape": (
+        ["convert", "{w}/plain.pt", "--out", "{w}/new.pt", *CONVERT],
+        "a plain state_dict records no input shape; give --channels",
+    ),
+    "state_dict fits no given arch": (
+        ["teacher.checkpoint={w}/plain.pt", "teacher.arch=mlp"],
+        "does not fit",
+    ),
     "user file does not exist": (["student.arch={w}/no_net.py:Net"], "no_net.py"),
     "user file fails on import": (["student.arch={w}/broken_net.py:Net"], "no module named torchfancy"),
     "user file lacks the name": (["student.arch={w}/other_net.py:Net"], "has no 'Net'"),
-    "input spec disagrees with the meta": (["teacher.checkpoint={w}/good.pt", "input.num_classes=5"],
-                                           "input.num_classes=5 disagrees with teacher"),
-    "TorchScript teacher's real input": (["data.name=none", "teacher.checkpoint={w}/teacher.ts", "input.channels=3",
-                                          "input.mean=[0.5,0.5,0.5]", "input.std=[0.5,0.5,0.5]",
-                                          "input.num_classes=10"], "does not take 3×32×32 inputs"),
+    "input spec disagrees with the meta": (
+        ["teacher.checkpoint={w}/good.pt", "input.num_classes=5"],
+        "input.num_classes=5 disagrees with teacher",
+    ),
+    "TorchScript teacher's real input": (
+        [
+            "data.name=none",
+            "teacher.checkpoint={w}/teacher.ts",
+            "input.channels=3",
+            "input.mean=[0.5,0.5,0.5]",
+            "input.std=[0.5,0.5,0.5]",
+            "input.num_classes=10",
+        ],
+        "does not take 3×32×32 inputs",
+    ),
     "eval folder of other classes": (["eval.folder={w}/five_classes"], "5 class folders"),
-    "eval images of other channels": (["eval.folder={w}/rgb_images"], "has 3 channel(s) but the teacher takes 1"),
-    "missing normalization": (["teacher.checkpoint={w}/plain.pt", "teacher.arch=lenet5"],
-                              "does not record the input normalization it was trained with: set input.mean"),
-    "pickled module without opt-in": (["teacher.checkpoint={w}/whole.pt"],
-                                      "holds a whole pickled module"),
-    "pickle that calls code": (["teacher.checkpoint={w}/system.pt"], "holds code (posix.system) and was refused"),
+    "eval images of other channels": (
+        ["eval.folder={w}/rgb_images"],
+        "has 3 channel(s) but the teacher takes 1",
+    ),
+    "missing normalization": (
+        ["teacher.checkpoint={w}/plain.pt", "teacher.arch=lenet5"],
+        "does not record the input normalization it was trained with: set input.mean",
+    ),
+    "pickled module without opt-in": (["teacher.checkpoint={w}/whole.pt"], "holds a whole pickled module"),
+    "pickle that calls code": (
+        ["teacher.checkpoint={w}/system.pt"],
+        "holds code (posix.system) and was refused",
+    ),
     "meta lacks keys": (["teacher.checkpoint={w}/nometa.pt"], "in_channels"),
     "NaN learning rate": (["student_optim.lr=.nan"], "student_optim.lr must be a finite number, got nan"),
     "NaN temperature": (["method.temperature=.nan"], "method.temperature must be a finite number"),
     "NaN grad clip": (["student_optim.grad_clip=.nan"], "student_optim.grad_clip must be a finite number"),
-    "infinite learning rate": (["generator_optim.lr=1e400"], "generator_optim.lr must be a finite number, got inf"),
-    "negative weight decay": (["student_optim.weight_decay=-1"],
-                              "student_optim.weight_decay must be 0 (off) or positive, got -1"),
-    "beta outside [0, 1)": (["student_optim.betas=[2.0, 0.999]"], "student_optim.betas[0] must be in [0, 1), got 2.0"),
-    "unknown collapse action": (["train.collapse_action=panic"], "train.collapse_action must be one of reinit, warn"),
-    "convert another arch": (["convert", "{w}/good.pt", "--out", "{w}/new.pt", "--arch", "mlp", *CONVERT[2:]],
-                             "--arch mlp disagrees with the checkpoint's arch lenet5"),
-}  # fmt: skip
+    "infinite learning rate": (
+        ["generator_optim.lr=1e400"],
+        "generator_optim.lr must be a finite number, got inf",
+    ),
+    "negative weight decay": (
+        ["student_optim.weight_decay=-1"],
+        "student_optim.weight_decay must be 0 (off) or positive, got -1",
+    ),
+    "beta outside [0, 1)": (
+        ["student_optim.betas=[2.0, 0.999]"],
+        "student_optim.betas[0] must be in [0, 1), got 2.0",
+    ),
+    "unknown collapse action": (
+        ["train.collapse_action=panic"],
+        "train.collapse_action must be one of reinit, warn",
+    ),
+    "convert another arch": (
+        ["convert", "{w}/good.pt", "--out", "{w}/new.pt", "--arch", "mlp", *CONVERT[2:]],
+        "--arch mlp disagrees with the checkpoint's arch lenet5",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
@@ -291,29 +392,59 @@ def test_a_non_editable_install_ships_every_package_and_the_experiment_files(tmp
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
         copy(REPO / name, src / name, **({"ignore": ignore} if (REPO / name).is_dir() else {}))
     packages = {p.parent.relative_to(src) for p in src.rglob("__init__.py")}
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-           "--target", str(site), str(src)]  # fmt: skip
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "--target",
+        str(site),
+        str(src),
+    ]
     built = subprocess.run(pip, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
     assert {p for p in packages if not (site / p / "__init__.py").is_file()} == set(), "not installed"
     shipped = sorted(p.name for p in (site / "dfkd" / "experiments").glob("*.yaml"))
     assert shipped == sorted(p.name for p in (REPO / "runs").glob("*.yaml"))
-    code = ("import dfkd, dfkd.configfile as cf; from pathlib import Path; "
-            "print(dfkd.__file__); print(cf.resolve_config(Path('mnist5k_demo'))); "
-            "print(cf.resolve_config(Path('runs/fmnist_dfad.yaml')))")  # fmt: skip
+    code = (
+        "import dfkd, dfkd.configfile as cf; from pathlib import Path; "
+        "print(dfkd.__file__); print(cf.resolve_config(Path('mnist5k_demo'))); "
+        "print(cf.resolve_config(Path('runs/fmnist_dfad.yaml')))"
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                           env=env)  # fmt: skip
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert found.returncode == 0, found.stderr
     module, demo, dfad = found.stdout.split()
     assert module.startswith(str(site)) and demo == str(site / "dfkd" / "experiments" / "mnist5k_demo.yaml")
     assert dfad == str(site / "dfkd" / "experiments" / "fmnist_dfad.yaml")
-    listed = subprocess.run([sys.executable, "-m", "dfkd", "list"], capture_output=True, text=True,
-                            cwd=tmp_path, env=env)  # fmt: skip
+    listed = subprocess.run(
+        [sys.executable, "-m", "dfkd", "list"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert "mnist5k_demo" in listed.stdout and str(site / "dfkd" / "experiments") in listed.stdout
-    run = subprocess.run([sys.executable, "-m", "dfkd", "run", "mnist5k_demo", "--out", str(tmp_path / "run"),
-                          "--iterations", "2", *TINY], capture_output=True, text=True, cwd=tmp_path,
-                         env=env)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dfkd",
+            "run",
+            "mnist5k_demo",
+            "--out",
+            str(tmp_path / "run"),
+            "--iterations",
+            "2",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["iterations"] == 2
 
@@ -343,8 +474,18 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     import signal
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dfkd", "demo", "--out", str(out), "--iterations", "100000", *TINY,
-           "train.checkpoint_every=100000"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dfkd",
+        "demo",
+        "--out",
+        str(out),
+        "--iterations",
+        "100000",
+        *TINY,
+        "train.checkpoint_every=100000",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_records(out / "metrics.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
@@ -355,8 +496,21 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
 
     step = load_safe(out / "checkpoints" / "last.pt")["step"]
     assert 2 <= step < 100000
-    assert main(["demo", "--out", str(out), "--resume", "--iterations", str(step + 2), *TINY,
-                 "train.checkpoint_every=100000"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--resume",
+                "--iterations",
+                str(step + 2),
+                *TINY,
+                "train.checkpoint_every=100000",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "summary.json").read_text())["iterations"] == step + 2
 
 
@@ -371,9 +525,18 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(tmp_path)
 
     from dfkd.checkpoint import load_safe
 
-    args = ["demo", "--iterations", "60", *TINY, "train.batch_size=64", "generator.width=8",
-            "train.log_every=1", "train.checkpoint_every=7", "train.eval_every=1000",
-            "train.sample_every=1000"]  # fmt: skip
+    args = [
+        "demo",
+        "--iterations",
+        "60",
+        *TINY,
+        "train.batch_size=64",
+        "generator.width=8",
+        "train.log_every=1",
+        "train.checkpoint_every=7",
+        "train.eval_every=1000",
+        "train.sample_every=1000",
+    ]
 
     def dfkd(out, *extra):
         return [sys.executable, "-m", "dfkd", *args, "--out", str(out), *extra]

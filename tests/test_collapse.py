@@ -28,8 +28,16 @@ def test_the_window_scales_with_the_run_length():
 
 
 def collapsed_run(tiny, run_of, tmp_path, action):
-    cfg = tiny(train={"iterations": 200, "log_every": 50, "eval_every": 200, "sample_every": 200,
-                      "checkpoint_every": 200, "collapse_action": action})  # fmt: skip
+    cfg = tiny(
+        train={
+            "iterations": 200,
+            "log_every": 50,
+            "eval_every": 200,
+            "sample_every": 200,
+            "checkpoint_every": 200,
+            "collapse_action": action,
+        }
+    )
     run = run_of(cfg, tmp_path)
     run.game.pool.models[0] = run.game.teacher = OneClassTeacher()
     return run
@@ -44,7 +52,12 @@ def test_a_collapse_in_a_200_iteration_run_reinitialises_the_generator(tiny, run
     flags = {r["step"]: r["health/collapse"] for r in records(tmp_path) if "health/collapse" in r}
     assert flags == {50: 0.0, 100: 1.0, 150: 0.0, 200: 1.0}, "fires after 2 intervals, again after a reset"
     assert resets == [100, 200]
-    assert [r["health/generator_resets"] for r in records(tmp_path) if "health/generator_resets" in r] == [0, 1, 1, 2]
+    assert [r["health/generator_resets"] for r in records(tmp_path) if "health/generator_resets" in r] == [
+        0,
+        1,
+        1,
+        2,
+    ]
     assert "the generator starts afresh" in capsys.readouterr().err
 
 

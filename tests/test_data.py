@@ -1,4 +1,5 @@
 """Real loading code, tested on small files the tests write in the real formats."""
+
 import gzip
 import struct
 
@@ -7,9 +8,8 @@ import pytest
 import torch
 
 from dfkd.config import DataConfig
-from dfkd.data import MNIST_INFO, load_dataset, read_idx, stratified_split, to_model_input
+from dfkd.data import MNIST_INFO, load_dataset, read_idx, stratified_split, to_model_input, write_cifar_binary
 from dfkd.errors import DfkdError
-from dfkd.data import write_cifar_binary
 
 
 def write_idx(path, array: np.ndarray, compress: bool):
@@ -94,10 +94,19 @@ def test_channels_last_uint8_layout_is_converted():
     assert to_model_input(np.zeros((1, 28, 28)), MNIST_INFO, 32).shape == (1, 1, 32, 32)
 
 
-@pytest.mark.parametrize("name, folder, train, test, label_bytes", [
-    ("cifar10", "cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"], 1),
-    ("cifar100", "cifar-100-binary", ["train.bin"], ["test.bin"], 2),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, folder, train, test, label_bytes",
+    [
+        (
+            "cifar10",
+            "cifar-10-batches-bin",
+            [f"data_batch_{i}.bin" for i in range(1, 6)],
+            ["test_batch.bin"],
+            1,
+        ),
+        ("cifar100", "cifar-100-binary", ["train.bin"], ["test.bin"], 2),
+    ],
+)
 def test_cifar_binary_version_is_read_without_pickle(tmp_path, name, folder, train, test, label_bytes):
     from dfkd.data import DATASETS
 

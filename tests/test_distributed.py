@@ -1,4 +1,5 @@
 """Two CPU processes under torchrun with the gloo backend: DDP keeps the ranks' students identical."""
+
 import json
 import os
 import subprocess
@@ -19,15 +20,32 @@ def test_two_gloo_processes_keep_the_students_identical(tmp_path, method):
         "teacher": {"epochs": 1},
         "generator": {"width": 4},
         "method": method,
-        "train": {"iterations": 6, "batch_size": 16, "log_every": 2, "eval_every": 3, "sample_every": 3,
-                  "checkpoint_every": 3},
+        "train": {
+            "iterations": 6,
+            "batch_size": 16,
+            "log_every": 2,
+            "eval_every": 3,
+            "sample_every": 3,
+            "checkpoint_every": 3,
+        },
         "tracking": {"mode": "disabled"},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     out, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           "run", str(tmp_path / "cfg.yaml"), "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        "run",
+        str(tmp_path / "cfg.yaml"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     env = {**os.environ, "DFKD_TEST_DUMP": str(dump), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

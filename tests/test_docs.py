@@ -1,5 +1,6 @@
 """The documentation keeps up with the code: every config key is documented in the README, and no
 tracked file speaks of how the work on the project was organised instead of the project itself."""
+
 from __future__ import annotations
 
 import dataclasses

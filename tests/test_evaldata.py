@@ -1,4 +1,5 @@
 """Labelled evaluation data from folders, files and arrays, at the teacher's input spec."""
+
 import numpy as np
 import pytest
 import torch
@@ -54,8 +55,9 @@ def test_image_folder_rgb_and_a_class_mapping_with_a_subset_of_folders(tmp_path)
     split = load_labelled(tmp_path, RGB, classes=["plane", "dog", "cat"])
     assert split.images.shape == (4, 3, 16, 16)
     assert split.labels.tolist() == [2, 2, 1, 1]  # cat (sorted first) is the teacher's class 2
-    torch.testing.assert_close(split.images, expected(np.concatenate([written["cat"], written["dog"]]), RGB),
-                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        split.images, expected(np.concatenate([written["cat"], written["dog"]]), RGB), atol=1e-5, rtol=0
+    )
 
 
 def test_jpeg_files_of_any_suffix_case_and_other_files_ignored(tmp_path):
@@ -140,39 +142,70 @@ BAD = {
     "missing path": (lambda d: d / "nope", {}, "not found; give an ImageFolder folder or an .npz/.pt file"),
     "empty folder": (lambda d: d, {}, "has no class folders; lay it out as"),
     "class folder without images": (_class_without_images, {}, "holds no PNG or JPEG images"),
-    "class count mismatch": (lambda d: _folder(d, ["a", "b"]), {},
-                             "has 2 class folders but the teacher has 3 classes: give eval.classes"),
-    "folder not in classes": (lambda d: _folder(d, ["a", "z"]), {"classes": ["a", "b", "c"]},
-                              "is not a class in eval.classes (a, b, c)"),
-    "classes of another length": (lambda d: _folder(d, ["a"]), {"classes": ["a", "b"]},
-                                  "eval.classes names 2 classes but the teacher has 3"),
-    "rgb pngs for a gray teacher": (lambda d: _folder(d, ["a", "b", "c"], channels=3), {},
-                                    "(RGB) has 3 channel(s) but the teacher takes 1; convert the images to "
-                                    "grayscale"),
-    "rgb array for a gray teacher": (_labelled(pixels(2, 8, 8, 3), [0, 1]), {},
-                                     "images have 3 channel(s) but the teacher takes 1"),
+    "class count mismatch": (
+        lambda d: _folder(d, ["a", "b"]),
+        {},
+        "has 2 class folders but the teacher has 3 classes: give eval.classes",
+    ),
+    "folder not in classes": (
+        lambda d: _folder(d, ["a", "z"]),
+        {"classes": ["a", "b", "c"]},
+        "is not a class in eval.classes (a, b, c)",
+    ),
+    "classes of another length": (
+        lambda d: _folder(d, ["a"]),
+        {"classes": ["a", "b"]},
+        "eval.classes names 2 classes but the teacher has 3",
+    ),
+    "rgb pngs for a gray teacher": (
+        lambda d: _folder(d, ["a", "b", "c"], channels=3),
+        {},
+        "(RGB) has 3 channel(s) but the teacher takes 1; convert the images to grayscale",
+    ),
+    "rgb array for a gray teacher": (
+        _labelled(pixels(2, 8, 8, 3), [0, 1]),
+        {},
+        "images have 3 channel(s) but the teacher takes 1",
+    ),
     "corrupt png": (_corrupt_png, {}, "is unreadable or corrupt"),
-    "label out of range": (_labelled(pixels(2, 8, 8), [0, 3]), {},
-                           "label 3 is out of range for a teacher with 3 classes"),
+    "label out of range": (
+        _labelled(pixels(2, 8, 8), [0, 3]),
+        {},
+        "label 3 is out of range for a teacher with 3 classes",
+    ),
     "negative label": (_labelled(pixels(2, 8, 8), [-1, 0]), {}, "label -1 is out of range"),
-    "float labels": (_labelled(pixels(2, 8, 8), [0.0, 1.0]), {},
-                     "labels must be integer class indices, got dtype float64"),
-    "no images key": (lambda d: _npz(d, x=pixels(2, 8, 8), labels=np.array([0, 1])), {},
-                      "has no 'images' (found: labels, x); store the arrays under 'images' and 'labels'"),
+    "float labels": (
+        _labelled(pixels(2, 8, 8), [0.0, 1.0]),
+        {},
+        "labels must be integer class indices, got dtype float64",
+    ),
+    "no images key": (
+        lambda d: _npz(d, x=pixels(2, 8, 8), labels=np.array([0, 1])),
+        {},
+        "has no 'images' (found: labels, x); store the arrays under 'images' and 'labels'",
+    ),
     "no labels key": (lambda d: _pt(d, {"images": torch.rand(2, 1, 8, 8)}), {}, "has no 'labels'"),
     "pt not a dict": (lambda d: _pt(d, [torch.rand(2, 1, 8, 8)]), {}, "holds a list, not a dict"),
     "junk pt": (lambda d: _file(d, "x.pt", b"junk"), {}, "is not a readable tensor file"),
     "junk npz": (lambda d: _file(d, "x.npz", b"junk"), {}, "is not a readable .npz"),
     "other suffix": (lambda d: _file(d, "x.csv", b"1,2"), {}, "is neither .npz nor .pt"),
     "mismatched lengths": (_labelled(pixels(3, 8, 8), [0, 1]), {}, "has 3 images but 2 labels"),
-    "no images": (lambda d: _npz(d, images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, np.int64)), {},
-                  "holds no images"),
-    "normalized floats": (lambda d: _pt(d, {"images": torch.randn(2, 1, 8, 8) * 3,
-                                            "labels": torch.arange(2)}),
-                          {}, "not pixels in [0, 1]; give raw pixels"),
-    "images of another rank": (_labelled(pixels(2, 8, 8)[:, 0], [0, 1]), {},
-                               "expected N×C×H×W, N×H×W×C or N×H×W"),
-}  # fmt: skip
+    "no images": (
+        lambda d: _npz(d, images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, np.int64)),
+        {},
+        "holds no images",
+    ),
+    "normalized floats": (
+        lambda d: _pt(d, {"images": torch.randn(2, 1, 8, 8) * 3, "labels": torch.arange(2)}),
+        {},
+        "not pixels in [0, 1]; give raw pixels",
+    ),
+    "images of another rank": (
+        _labelled(pixels(2, 8, 8)[:, 0], [0, 1]),
+        {},
+        "expected N×C×H×W, N×H×W×C or N×H×W",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))

@@ -1,4 +1,5 @@
 """Exported students load without dfkd and give the student's logits; a bad export leaves no file."""
+
 import json
 import subprocess
 import sys
@@ -12,8 +13,17 @@ from dfkd.export import ATOL, RTOL, export_student, load_student, verification_b
 from dfkd.models import build_classifier
 from dfkd.teachers import save_classifier
 
-META = {"arch": "lenet5_half", "dataset": "mnist5k", "num_classes": 10, "in_channels": 1, "image_size": 32,
-        "mean": [0.1307], "std": [0.3081], "test_acc": 12.5, "distilled": True}  # fmt: skip
+META = {
+    "arch": "lenet5_half",
+    "dataset": "mnist5k",
+    "num_classes": 10,
+    "in_channels": 1,
+    "image_size": 32,
+    "mean": [0.1307],
+    "std": [0.3081],
+    "test_acc": 12.5,
+    "distilled": True,
+}
 FORMATS = ["torchscript", "exported", "onnx", "state_dict"]
 
 
@@ -32,8 +42,11 @@ def exported(run_dir, tmp_path_factory):
     files = {}
     for fmt in FORMATS:
         out = tmp_path_factory.mktemp(fmt) / f"student-{fmt}.bin"
-        capture = subprocess.run([sys.executable, "-m", "dfkd", "export", str(run_dir), "--format", fmt,
-                                  "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+        capture = subprocess.run(
+            [sys.executable, "-m", "dfkd", "export", str(run_dir), "--format", fmt, "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
         assert capture.returncode == 0, capture.stderr
         files[fmt] = (out, capture.stdout)
     return files
@@ -76,11 +89,21 @@ def test_every_format_reloads_without_dfkd_and_matches_the_student(run_dir, expo
     x = verification_batch(load_student(run_dir)[1])[:5]  # another batch size than the export's example
     torch.save(x, tmp_path / "x.pt")
     paths = {fmt: str(path) for fmt, (path, _) in exported.items() if fmt != "state_dict"}
-    run = subprocess.run([sys.executable, "-c", WITHOUT_DFKD, json.dumps(paths), str(tmp_path / "x.pt"),
-                          str(tmp_path / "logits.pt")], capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_DFKD,
+            json.dumps(paths),
+            str(tmp_path / "x.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     want = student_logits(run_dir, x)
-    for fmt, got in torch.load(tmp_path / "logits.pt").items():
+    for got in torch.load(tmp_path / "logits.pt").values():
         assert_close(got, want)
     for fmt, spec in json.loads(run.stdout.splitlines()[-1]).items():
         assert (spec["channels"], spec["size"], spec["num_classes"]) == (1, 32, 10), fmt
@@ -101,8 +124,14 @@ def test_state_dict_loads_into_the_rebuilt_architecture(run_dir, exported):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_export_prints_the_spec_and_the_difference(exported, fmt):
     _, printed = exported[fmt]
-    for line in ["input     1 x 32 x 32", "classes   10", "mean      0.1307", "std       0.3081",
-                 "max |Δlogit| = ", "on 16 seeded inputs"]:  # fmt: skip
+    for line in [
+        "input     1 x 32 x 32",
+        "classes   10",
+        "mean      0.1307",
+        "std       0.3081",
+        "max |Δlogit| = ",
+        "on 16 seeded inputs",
+    ]:
         assert line in printed, printed
 
 
@@ -120,14 +149,19 @@ def test_default_out_is_beside_the_student(tmp_path, run_dir, capsys):
     assert "student.ts' exists; pass --overwrite" in capsys.readouterr().err
     assert (run / "student.ts").read_bytes() == before
     assert main(["export", str(run), "--format", "torchscript", "--overwrite"]) == 0
-    assert sorted(p.name for p in run.iterdir()) == ["student.pt", "student.ts", "student.weights.pt",
-                                                     "student.weights.pt.json"]  # fmt: skip
+    assert sorted(p.name for p in run.iterdir()) == [
+        "student.pt",
+        "student.ts",
+        "student.weights.pt",
+        "student.weights.pt.json",
+    ]
 
 
 def perturbed(monkeypatch):
     import dfkd.export
 
     reload = dfkd.export.reload
+
     def off_by_a_hundredth(fmt, path, doc):
         run = reload(fmt, path, doc)
         return lambda x: run(x) + 0.01
@@ -181,9 +215,26 @@ def test_convert_a_plain_state_dict_into_a_dfkd_checkpoint(tmp_path, capsys):
     torch.manual_seed(1)
     model = build_classifier("lenet5", 3, 5, 32).eval()
     torch.save(model.state_dict(), tmp_path / "plain.pt")
-    args = ["convert", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "teacher.pt"), "--arch", "lenet5",
-            "--channels", "3", "--size", "32", "--classes", "5", "--mean", "0.5",
-            "--std", "0.2", "0.3", "0.4"]  # fmt: skip
+    args = [
+        "convert",
+        str(tmp_path / "plain.pt"),
+        "--out",
+        str(tmp_path / "teacher.pt"),
+        "--arch",
+        "lenet5",
+        "--channels",
+        "3",
+        "--size",
+        "32",
+        "--classes",
+        "5",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.2",
+        "0.3",
+        "0.4",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     loaded, meta = load_classifier(tmp_path / "teacher.pt")
     assert meta["arch"] == "lenet5" and meta["in_channels"] == 3 and meta["num_classes"] == 5

@@ -1,4 +1,5 @@
 """Feature terms and the hooks that read layers."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ from dfkd.models import build_classifier
 
 def golden_attention_transfer(s, t):
     """Written out with numpy: channel mean of squares, average-pooled to the smaller map, L2-normalized."""
+
     def amap(f, size):
         a = (f**2).mean(axis=1)  # (B, H, W)
         k = a.shape[-1] // size
@@ -116,13 +118,19 @@ def test_every_registered_feature_term_has_a_golden_test():
 @pytest.mark.parametrize("loss", ["hint", "gram", "rkd_angle"])
 def test_feature_terms_train_in_a_run_with_adapters_where_needed(tiny, tmp_path, run_of, loss):
     # lenet5_half has half the teacher's channels at both layers: shapes differ
-    cfg = tiny(method={"features": [["features.5", "features.5"], ["classifier.1", "classifier.1"]],
-                       "feature_loss": loss, "feature_weight": 1.0})  # fmt: skip
+    cfg = tiny(
+        method={
+            "features": [["features.5", "features.5"], ["classifier.1", "classifier.1"]],
+            "feature_loss": loss,
+            "feature_weight": 1.0,
+        }
+    )
     run = run_of(cfg, tmp_path)
     game = run.game
     adapters = game.method.feature_adapters
-    assert [type(a).__name__ for a in adapters] == (["Adapter", "Adapter"] if loss in ("hint", "gram")
-                                                     else ["Identity", "Identity"])  # fmt: skip
+    assert [type(a).__name__ for a in adapters] == (
+        ["Adapter", "Adapter"] if loss in ("hint", "gram") else ["Identity", "Identity"]
+    )
     x, t = game.synthesize()
     losses, _ = game.student_step(x, t)
     assert losses["feature"] > 0

@@ -1,4 +1,5 @@
 """The game's seams: a Player steps its own parameters alone; a Game holds its players and networks."""
+
 import torch
 import torch.nn as nn
 

@@ -1,4 +1,5 @@
 """The GAN-KD variant: its objective, its discriminators, and who gets which gradient."""
+
 import json
 import math
 
@@ -136,13 +137,21 @@ def test_gankd_run_logs_every_term_and_resumes_exactly(tiny, tmp_path, run_of):
     assert {"train/loss_D", "train/acc_D", "train/loss_S_ce", "train/loss_S_kl", "train/loss_S_gan"} <= keys
 
 
-@pytest.mark.parametrize("disc, message", [
-    ({"name": "conv"}, "discriminator.name=conv reads feature maps: set discriminator.layers"),
-    ({"name": "mlp", "layers": ["features.5", "features.5"]},
-     "discriminator.name=mlp reads class probabilities"),
-    ({"name": "conv", "layers": ["features.5", "features.99"]}, "teacher lenet5 has no layer 'features.99'"),
-    ({"name": "critic"}, "unknown discriminator 'critic'; known: conv, feature_mlp, mlp"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "disc, message",
+    [
+        ({"name": "conv"}, "discriminator.name=conv reads feature maps: set discriminator.layers"),
+        (
+            {"name": "mlp", "layers": ["features.5", "features.5"]},
+            "discriminator.name=mlp reads class probabilities",
+        ),
+        (
+            {"name": "conv", "layers": ["features.5", "features.99"]},
+            "teacher lenet5 has no layer 'features.99'",
+        ),
+        ({"name": "critic"}, "unknown discriminator 'critic'; known: conv, feature_mlp, mlp"),
+    ],
+)
 def test_discriminator_misconfigurations_are_one_line_errors(tiny, tmp_path, run_of, disc, message):
     with pytest.raises(DfkdError, match=message):
         run_of(tiny(method=GANKD, discriminator=disc), tmp_path)

@@ -1,4 +1,5 @@
 """Gradient routing: which parameters each loss term reaches, and whose gradients each step fills."""
+
 import torch
 
 
@@ -120,9 +121,12 @@ def test_student_step_updates_only_the_student(tiny, tmp_path, run_of):
 
 
 def test_full_iteration_routes_each_loss_to_its_player(tiny, tmp_path, run_of):
-    for method in ({"reuse_samples": False}, {"reuse_samples": True},
-                   {"replay_size": 64, "student_shift": 2, "student_flip": True, "student_mixup": 0.5},
-                   {"generator_ema": 0.5, "generator_ema_mix": 0.25}):  # fmt: skip
+    for method in (
+        {"reuse_samples": False},
+        {"reuse_samples": True},
+        {"replay_size": 64, "student_shift": 2, "student_flip": True, "student_mixup": 0.5},
+        {"generator_ema": 0.5, "generator_ema_mix": 0.25},
+    ):
         run = run_of(tiny(method={**method, "n_student_steps": 2}), tmp_path)
         routes = Routes(run.game)
         for _ in range(2):  # the second iteration starts with the first one's gradients in place

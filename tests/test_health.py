@@ -1,4 +1,5 @@
 """Divergence is caught and rolled back; a collapsing generator is flagged."""
+
 import json
 
 import pytest
@@ -41,8 +42,9 @@ class Poison:
 
 
 def test_a_nan_in_the_student_is_caught_and_rolled_back(tiny, tmp_path, run_of):
-    cfg = tiny(train={"iterations": 8, "log_every": 2, "checkpoint_every": 4, "eval_every": 8,
-                      "sample_every": 8})  # fmt: skip
+    cfg = tiny(
+        train={"iterations": 8, "log_every": 2, "checkpoint_every": 4, "eval_every": 8, "sample_every": 8}
+    )
     run = run_of(cfg, tmp_path)
     lr_before = run.cfg.student_optim.lr
     Poison(run, at=5)
@@ -78,8 +80,14 @@ def test_persistent_divergence_stops_with_a_clear_error_and_keeps_the_good_check
 def test_collapse_monitor_needs_a_sustained_streak():
     monitor = CollapseMonitor(threshold=0.9, patience=3)
     assert [monitor.update(f) for f in [0.95, 0.95, 0.5, 0.95, 0.95, 0.99, 1.0]] == [
-        False, False, False, False, False, True, True,
-    ]  # fmt: skip
+        False,
+        False,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
 
 
 def test_a_collapsed_generator_is_flagged(tiny, tmp_path, run_of, capsys):

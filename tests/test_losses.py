@@ -87,17 +87,21 @@ def test_bn_prior_golden_value_and_gradient():
 
     rng = np.random.default_rng(0)
     x4, x2 = rng.normal(size=(5, 3, 4, 4)), rng.normal(2.0, 3.0, size=(5, 6))
-    stats = [(x4, rng.normal(size=3), rng.uniform(0.5, 2, size=3)),
-             (x2, rng.normal(size=6), rng.uniform(0.5, 2, size=6))]  # fmt: skip
+    stats = [
+        (x4, rng.normal(size=3), rng.uniform(0.5, 2, size=3)),
+        (x2, rng.normal(size=6), rng.uniform(0.5, 2, size=6)),
+    ]
     expected = 0.0
     for x, rm, rv in stats:
         axes = (0, 2, 3) if x.ndim == 4 else (0,)
         expected += np.sqrt(((x.mean(axis=axes) - rm) ** 2).sum())
         expected += np.sqrt(((x.var(axis=axes) - rv) ** 2).sum())
-    inputs = [(torch.tensor(x, requires_grad=True), torch.tensor(rm), torch.tensor(rv))
-              for x, rm, rv in stats]  # fmt: skip
+    inputs = [
+        (torch.tensor(x, requires_grad=True), torch.tensor(rm), torch.tensor(rv)) for x, rm, rv in stats
+    ]
     got = PRIORS.get("bn")(torch.zeros(5, 10, dtype=torch.double), bn_inputs=inputs)
     assert got.item() == pytest.approx(expected, rel=1e-10)
+
     def prior(a, b):
         return PRIORS.get("bn")(a.new_zeros(1, 1), bn_inputs=[(a, *inputs[0][1:]), (b, *inputs[1][1:])])
 

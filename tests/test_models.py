@@ -6,7 +6,9 @@ from dfkd.models import CLASSIFIERS, build_classifier
 from generators import GENERATORS, build_generator
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS.names() + ["torchvision.resnet18", "torchvision.mobilenet_v3_small"])
+@pytest.mark.parametrize(
+    "name", CLASSIFIERS.names() + ["torchvision.resnet18", "torchvision.mobilenet_v3_small"]
+)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_classifier_runs_forward_and_backward(name, channels):
     torch.manual_seed(0)
@@ -27,7 +29,9 @@ def test_lenet_half_is_half_width():
 
 
 def test_bad_classifier_names_and_sizes():
-    with pytest.raises(DfkdError, match="unknown classifier 'lenet6'; did you mean 'lenet5'\\? known: lenet5"):
+    with pytest.raises(
+        DfkdError, match="unknown classifier 'lenet6'; did you mean 'lenet5'\\? known: lenet5"
+    ):
         build_classifier("lenet6", 1, 10, 32)
     with pytest.raises(DfkdError, match="unknown torchvision model 'resnet7'"):
         build_classifier("torchvision.resnet7", 1, 10, 32)
@@ -58,8 +62,10 @@ def test_pixel_output_stays_in_the_valid_pixel_range_of_each_channel(name):
     x = gen(torch.randn(6, 10) * 50)  # large latents saturate the tanh
     pixels = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6 and pixels.min() < 0.1 and pixels.max() > 0.9
-    assert torch.allclose(PixelsToNormalized(mean, std)(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)).flatten(),
-                          torch.tensor([(0 - 0.5) / 0.25, (0.5 - 0.2) / 0.5, (1 - 0.1) / 0.3]))  # fmt: skip
+    assert torch.allclose(
+        PixelsToNormalized(mean, std)(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)).flatten(),
+        torch.tensor([(0 - 0.5) / 0.25, (0.5 - 0.2) / 0.5, (1 - 0.1) / 0.3]),
+    )
     x.pow(3).mean().backward()
     assert all(p.grad is not None for p in gen.parameters())
     with pytest.raises(DfkdError, match="generator.output must be one of standardized, pixels; got .rgb."):

@@ -1,4 +1,5 @@
 """Optimizers and schedules by name, learning-rate scaling, weight averages (dfkd.optim)."""
+
 import math
 
 import pytest

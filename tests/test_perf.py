@@ -1,4 +1,5 @@
 """Fast paths (config `perf`), the inner loop's freedom from host syncs, and `dfkd bench`."""
+
 import copy
 import json
 import os
@@ -22,13 +23,19 @@ from dfkd.errors import DfkdError
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
-OWN_CODE = tuple(str(Path(package.__file__).parent) + os.sep
-                 for package in (dfkd, generators, discriminators))  # fmt: skip
+OWN_CODE = tuple(
+    str(Path(package.__file__).parent) + os.sep for package in (dfkd, generators, discriminators)
+)
 
 
-@pytest.mark.parametrize("method", [
-    {}, {"name": "gankd"}, {"replay_size": 64, "generator_ema": 0.9, "student_shift": 2},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "method",
+    [
+        {},
+        {"name": "gankd"},
+        {"replay_size": 64, "generator_ema": 0.9, "student_shift": 2},
+    ],
+)
 def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(tiny, tmp_path, run_of, monkeypatch, method):
     """No .item()/.tolist()/bool(tensor) in dfkd's own inner-loop code (torch's optimizers read their
     CPU step counters, which is no device sync); on CUDA, torch's sync debug mode checks the rest."""
@@ -125,8 +132,9 @@ def test_the_plain_loop_runs_dfkds_algorithm(tiny, tmp_path, run_of):
         before = [None if p.grad is None else p.grad.clone() for p in game.student.parameters()]
         generator_step(loss)
         after = [p.grad for p in game.student.parameters()]
-        same = [(a is None) == (b is None) and (a is None or torch.equal(a, b))
-                for a, b in zip(before, after)]  # fmt: skip
+        same = [
+            (a is None) == (b is None) and (a is None or torch.equal(a, b)) for a, b in zip(before, after)
+        ]
         untouched.append(all(same))
 
     game.generator_player.step = spied
@@ -172,8 +180,17 @@ def check_speedup_line(lines, rows) -> None:
 
 
 def test_bench_prints_rates_phases_and_the_speedup_last(capsys):
-    argv = ["bench", "--iterations", "1", "--repeats", "1", "--no-variants", "teacher.epochs=1",
-            "generator.width=4", "train.batch_size=16"]
+    argv = [
+        "bench",
+        "--iterations",
+        "1",
+        "--repeats",
+        "1",
+        "--no-variants",
+        "teacher.epochs=1",
+        "generator.width=4",
+        "train.batch_size=16",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"speedup: \d+\.\d\d", out[-1])
@@ -181,9 +198,17 @@ def test_bench_prints_rates_phases_and_the_speedup_last(capsys):
     assert set(rows) == {"plain loop (reference)", "dfkd as configured"}
     check_speedup_line(out, rows)
     text = "\n".join(out)
-    for row in ("plain loop (reference)", "dfkd as configured", "generator forward", "teacher forward",
-                "student forward", "backward (generator step)", "backward (student step)", "optimizer",
-                "framework overhead"):  # fmt: skip
+    for row in (
+        "plain loop (reference)",
+        "dfkd as configured",
+        "generator forward",
+        "teacher forward",
+        "student forward",
+        "backward (generator step)",
+        "backward (student step)",
+        "optimizer",
+        "framework overhead",
+    ):
         assert row in text, row
     table = {m["name"]: (float(m["ms"]), float(m["share"])) for m in map(PHASE.fullmatch, out) if m}
     everything = table.pop("all phases")
@@ -209,7 +234,7 @@ def time_to_accuracy_table(lines) -> dict[str, dict]:
     cell = r" +(\d+ s|never)"
     row = re.compile(r"(\S.*?)" + cell * len(ratios) + r" +(\d\.\d{3}) +(\d\.\d{3}) +(\d+)")
     table = {}
-    for line in lines[head + 1:]:
+    for line in lines[head + 1 :]:
         m = row.fullmatch(line)
         if not m:
             break
@@ -221,19 +246,38 @@ def time_to_accuracy_table(lines) -> dict[str, dict]:
             assert best <= ratio if s is None else best >= ratio and s >= 0, line
         reached = [s for s in seconds if s is not None]
         assert reached == sorted(reached) and seconds[: len(reached)] == reached, line  # a higher ratio later
-        table[m[1]] = {"seconds": dict(zip(ratios, seconds)), "best": best, "final": final,
-                       "iterations": iterations}  # fmt: skip
+        table[m[1]] = {
+            "seconds": dict(zip(ratios, seconds)),
+            "best": best,
+            "final": final,
+            "iterations": iterations,
+        }
     return table
 
 
 @pytest.mark.slow
 def test_bench_every_fast_path_and_time_to_accuracy(capsys):
-    argv = ["bench", "--iterations", "1", "--repeats", "1", "--time-to-accuracy", "3", "teacher.epochs=1",
-            "generator.width=4", "train.batch_size=16"]
+    argv = [
+        "bench",
+        "--iterations",
+        "1",
+        "--repeats",
+        "1",
+        "--time-to-accuracy",
+        "3",
+        "teacher.epochs=1",
+        "generator.width=4",
+        "train.batch_size=16",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    for row in ("dfkd + fused_optimizers", "dfkd + compile", "dfkd + sample reuse",
-                "DFAD as published (mnist5k_dfad)", "to 0.95"):  # fmt: skip
+    for row in (
+        "dfkd + fused_optimizers",
+        "dfkd + compile",
+        "dfkd + sample reuse",
+        "DFAD as published (mnist5k_dfad)",
+        "to 0.95",
+    ):
         assert row in text, row
     lines = text.strip().splitlines()
     rows = rate_table(lines)
@@ -250,8 +294,21 @@ def test_bench_every_fast_path_and_time_to_accuracy(capsys):
 def test_the_gpu_check_script_runs_on_the_cpu(tmp_path):
     """No GPU here: a smoke test of runs/gpu_check.py with the CIFAR-size ResNets on stand-in data."""
     script = Path(__file__).parents[1] / "runs" / "gpu_check.py"
-    cmd = [sys.executable, str(script), "--device", "cpu", "--records", "16", "--batch-size", "4",
-           "--iterations", "1", "--repeats", "1", "--no-variants"]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--device",
+        "cpu",
+        "--records",
+        "16",
+        "--batch-size",
+        "4",
+        "--iterations",
+        "1",
+        "--repeats",
+        "1",
+        "--no-variants",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resnet34 -> resnet18" in done.stdout

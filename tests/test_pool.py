@@ -1,4 +1,5 @@
 """Teacher pools: strategies, reproducibility, input spaces, refusals, and a pool in a real run."""
+
 import json
 import random
 
@@ -56,12 +57,15 @@ def test_mean_and_weighted_are_the_hand_computed_averages():
     assert weighted.uses == [1, 1, 0]
 
 
-@pytest.mark.parametrize("strategy, cfg, message", [
-    ("weighted", {"weights": [1.0]}, "pool.weights must hold 2 non-negative weights"),
-    ("weighted", {"weights": [0.0, 0.0]}, "not all 0"),
-    ("split", {"feature_teacher": 2}, "pool.feature_teacher must index one of the 2 teachers"),
-    ("best", {}, "unknown teacher strategy 'best'; known: mean, random"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "strategy, cfg, message",
+    [
+        ("weighted", {"weights": [1.0]}, "pool.weights must hold 2 non-negative weights"),
+        ("weighted", {"weights": [0.0, 0.0]}, "not all 0"),
+        ("split", {"feature_teacher": 2}, "pool.feature_teacher must index one of the 2 teachers"),
+        ("best", {}, "unknown teacher strategy 'best'; known: mean, random"),
+    ],
+)
 def test_bad_pool_settings_are_refused(strategy, cfg, message):
     with pytest.raises(DfkdError, match=message):
         pool_of(["lenet5", "mlp"], strategy, **cfg)
@@ -86,8 +90,11 @@ def test_a_teacher_with_other_input_statistics_gets_its_own_space():
     assert not pool.models[0]._forward_pre_hooks, "same statistics: inputs untouched"
 
 
-POOL = [{"arch": "lenet5", "epochs": 1}, {"arch": "mlp", "epochs": 1, "seed": 1},
-        {"arch": "lenet5_half", "epochs": 1, "seed": 2}]
+POOL = [
+    {"arch": "lenet5", "epochs": 1},
+    {"arch": "mlp", "epochs": 1, "seed": 1},
+    {"arch": "lenet5_half", "epochs": 1, "seed": 2},
+]
 
 
 def test_a_pool_run_logs_each_teacher_and_resumes_the_same_sequence(tiny, tmp_path, run_of):
@@ -126,8 +133,13 @@ def test_a_pool_run_logs_each_teacher_and_resumes_the_same_sequence(tiny, tmp_pa
     assert summary["ratio"] == pytest.approx(summary["student_acc"] / max(summary["teacher_accs"]))
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     keys = {k for r in records for k in r}
-    assert {"teacher/acc_t0", "teacher/acc_t2", "teacher/ensemble_acc", "eval/agree_t1",
-            "pool/uses_t0"} <= keys  # fmt: skip
+    assert {
+        "teacher/acc_t0",
+        "teacher/acc_t2",
+        "teacher/ensemble_acc",
+        "eval/agree_t1",
+        "pool/uses_t0",
+    } <= keys
     last_uses = [r for r in records if "pool/uses_t0" in r][-1]
     assert sum(last_uses[f"pool/uses_t{i}"] for i in range(3)) == 6
 

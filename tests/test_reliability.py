@@ -15,9 +15,17 @@ from dfkd.checkpoint import load_safe
 from dfkd.config import with_settings
 from dfkd.errors import DfkdError
 
-TINY = ["teacher.epochs=1", "generator.width=8", "train.batch_size=64", "train.log_every=1",
-        "train.eval_every=1000", "train.sample_every=1000", "train.checkpoint_every=1000",
-        "tracking.mode=disabled", "--no-progress"]  # fmt: skip
+TINY = [
+    "teacher.epochs=1",
+    "generator.width=8",
+    "train.batch_size=64",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.sample_every=1000",
+    "train.checkpoint_every=1000",
+    "tracking.mode=disabled",
+    "--no-progress",
+]
 
 
 def dfkd(out, *extra):
@@ -31,8 +39,11 @@ def records(run_dir):
 def wait_for_step(path, step, timeout_s=120):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        if path.exists() and any(json.loads(line).get("step", 0) >= step for line in path.read_text().splitlines()
-                                 if line.endswith("}")):  # fmt: skip
+        if path.exists() and any(
+            json.loads(line).get("step", 0) >= step
+            for line in path.read_text().splitlines()
+            if line.endswith("}")
+        ):
             return
         time.sleep(0.01)
     raise AssertionError(f"no record of step {step} in {path}")
@@ -57,7 +68,9 @@ def assert_same_tensors(a: dict, b: dict, where: str) -> None:
 def _tensors(tree, prefix=""):
     if torch.is_tensor(tree):
         return {prefix: tree}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
+    items = (
+        tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
+    )
     out = {}
     for k, v in items:
         out.update(_tensors(v, f"{prefix}/{k}"))
@@ -99,15 +112,25 @@ class NaNAt:
 
 
 def test_rollbacks_compound_and_each_retry_draws_new_latents(tiny, tmp_path, run_of):
-    cfg = tiny(train={"iterations": 8, "log_every": 2, "checkpoint_every": 2, "eval_every": 8, "sample_every": 8,
-                      "max_rollbacks": 3})  # fmt: skip
+    cfg = tiny(
+        train={
+            "iterations": 8,
+            "log_every": 2,
+            "checkpoint_every": 2,
+            "eval_every": 8,
+            "sample_every": 8,
+            "max_rollbacks": 3,
+        }
+    )
     run = run_of(cfg, tmp_path)
     NaNAt(run, at=3)
     seen, roll_back = [], run.roll_back
 
     def spy(cause, tracker):
         roll_back(cause, tracker)
-        seen.append((run.game.student_player.lr, run.game.generator_player.lr, run.game.latent_rng.get_state()))
+        seen.append(
+            (run.game.student_player.lr, run.game.generator_player.lr, run.game.latent_rng.get_state())
+        )
 
     run.roll_back = spy
     with pytest.raises(DfkdError, match="after 3 rollback"):
@@ -170,10 +193,15 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tiny, tmp_path, run_of):
     disk = tmp_path / "disk"
     disk.mkdir()
     # room for one checkpoint, not for a second one beside it (each is written next to the last)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(disk)],
-                             capture_output=True, text=True)  # fmt: skip
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode != 0:
-        pytest.skip(f"THIS TEST COULD NOT RUN: a small tmpfs cannot be mounted here ({mounted.stderr.strip()})")
+        pytest.skip(
+            f"THIS TEST COULD NOT RUN: a small tmpfs cannot be mounted here ({mounted.stderr.strip()})"
+        )
     try:
         run = run_of(cfg, disk / "run")
         with pytest.raises(DfkdError) as err:

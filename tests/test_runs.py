@@ -1,4 +1,5 @@
 """Every shipped experiment file loads, and the promises the README quotes (slow)."""
+
 import json
 import subprocess
 import sys
@@ -17,9 +18,16 @@ def test_experiment_files_load(path):
     load_config(path)
 
 
-SMALL = ["teacher.epochs=1", "train.iterations=2", "train.batch_size=8", "train.eval_every=1",
-         "train.sample_every=2", "train.checkpoint_every=2", "tracking.mode=disabled",
-         "train.device=cpu"]  # fmt: skip
+SMALL = [
+    "teacher.epochs=1",
+    "train.iterations=2",
+    "train.batch_size=8",
+    "train.eval_every=1",
+    "train.sample_every=2",
+    "train.checkpoint_every=2",
+    "tracking.mode=disabled",
+    "train.device=cpu",
+]
 HAS_FASHION = Path("/usr/share/datasets/fashion-mnist").is_dir()
 
 
@@ -122,9 +130,11 @@ def test_preset_table_reads_finished_runs_back_and_prints_each_row(tmp_path, cap
     argv = ["--datasets", "mnist5k", "--budget", "60", "--out", str(tmp_path), "perf.autocast=bf16"]
     assert preset_table.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| DFAD")]
-    expected = ("| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | "
-                "`dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 train.eval_every=75 --iterations=300 "
-                "--seed=S` |")
+    expected = (
+        "| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | "
+        "`dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 train.eval_every=75 --iterations=300 "
+        "--seed=S` |"
+    )
     assert rows[0] == expected and len(rows) == 2  # printed as it comes, then in the whole table
 
 
@@ -133,7 +143,7 @@ def test_preset_table_runs_again_what_ran_for_another_budget(tmp_path, preset_ta
     ran = []
 
     def dfkd(argv):  # stands in for `dfkd run`: records the run and leaves its summary
-        out = Path(next(a for a in argv if a.startswith("--out="))[len("--out="):])
+        out = Path(next(a for a in argv if a.startswith("--out="))[len("--out=") :])
         ran.append((out.name, next(a for a in argv if a.startswith("--iterations="))))
         summary = {"teacher_acc": 97.0, "student_acc": 50.0, "wall_s": 30.0, "iterations": 150}
         (out / "summary.json").write_text(json.dumps(summary))

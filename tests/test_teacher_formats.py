@@ -1,5 +1,6 @@
 """Teachers users bring: every file format load_classifier reads, user code as an arch, and the
 one-line errors for each way these go wrong. Every file here is written by the test itself."""
+
 import io
 import os
 import pickle
@@ -64,15 +65,25 @@ WRAPS = ["plain", "nested_model", "ddp_prefix", "nested_state_dict_ddp", "with_e
 def test_plain_state_dict_loads_however_it_is_wrapped(resnet, tmp_path, wrap):
     state = resnet[0].state_dict()
     ddp = {f"module.{k}": v for k, v in state.items()}
-    obj = {"plain": state, "nested_model": {"model": state}, "ddp_prefix": ddp,
-           "nested_state_dict_ddp": {"state_dict": ddp},
-           "with_epoch": {"model_state_dict": state, "epoch": 3}}[wrap]  # fmt: skip
+    obj = {
+        "plain": state,
+        "nested_model": {"model": state},
+        "ddp_prefix": ddp,
+        "nested_state_dict_ddp": {"state_dict": ddp},
+        "with_epoch": {"model_state_dict": state, "epoch": 3},
+    }[wrap]
     path = tmp_path / "weights.bin"  # recognised by content, not by name
     torch.save(obj, path)
     model, meta = load_classifier(path, ARCH, shape=SHAPE)
     assert logits_match(model, resnet)
-    assert meta == {"arch": ARCH, "format": "state_dict", "path": str(path),
-                    "num_classes": 10, "in_channels": 1, "image_size": 32}  # fmt: skip
+    assert meta == {
+        "arch": ARCH,
+        "format": "state_dict",
+        "path": str(path),
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 32,
+    }
 
 
 def test_plain_state_dict_needs_arch_shape_and_the_right_arch(resnet, tmp_path):
@@ -80,12 +91,19 @@ def test_plain_state_dict_needs_arch_shape_and_the_right_arch(resnet, tmp_path):
     torch.save(resnet[0].state_dict(), path)
     one_line_error(lambda: load_classifier(path, shape=SHAPE), "plain state_dict", "set teacher.arch")
     one_line_error(lambda: load_classifier(path, ARCH, shape=(1, 32, None)), "set input.num_classes")
-    message = one_line_error(lambda: load_classifier(path, "resnet18", shape=SHAPE),
-                             "does not fit its architecture resnet18", "120 missing (stem.0.weight",
-                             "120 unexpected (conv1.weight", "set teacher.arch to the network")  # fmt: skip
+    message = one_line_error(
+        lambda: load_classifier(path, "resnet18", shape=SHAPE),
+        "does not fit its architecture resnet18",
+        "120 missing (stem.0.weight",
+        "120 unexpected (conv1.weight",
+        "set teacher.arch to the network",
+    )
     assert "..." in message
-    one_line_error(lambda: load_classifier(path, ARCH, shape=(1, 32, 7)),
-                   "of other shapes (fc.weight (10, 512) vs (7, 512)", "set teacher.arch")  # fmt: skip
+    one_line_error(
+        lambda: load_classifier(path, ARCH, shape=(1, 32, 7)),
+        "of other shapes (fc.weight (10, 512) vs (7, 512)",
+        "set teacher.arch",
+    )
 
 
 # dfkd's own checkpoints
@@ -93,16 +111,26 @@ def test_plain_state_dict_needs_arch_shape_and_the_right_arch(resnet, tmp_path):
 
 def test_dfkd_checkpoint_round_trip_and_a_meta_without_keys(tmp_path):
     model = build_classifier("lenet5", 1, 10, 32)
-    meta = {"arch": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32,
-            "mean": [0.5], "std": [0.5]}  # fmt: skip
+    meta = {
+        "arch": "lenet5",
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 32,
+        "mean": [0.5],
+        "std": [0.5],
+    }
     save_classifier(tmp_path / "t.pt", model, meta)
     loaded, meta2 = load_classifier(tmp_path / "t.pt", arch="mlp", shape=(3, 16, 4))  # the meta wins
     assert meta2 == {**meta, "format": "dfkd"}
     x = torch.randn(3, 1, 32, 32)
     assert torch.equal(loaded(x), model(x))
     save_classifier(tmp_path / "bad.pt", model, {"arch": "lenet5", "num_classes": 10})
-    one_line_error(lambda: load_classifier(tmp_path / "bad.pt"), "meta without in_channels, image_size",
-                   "needs arch, num_classes, in_channels, image_size", "add them")  # fmt: skip
+    one_line_error(
+        lambda: load_classifier(tmp_path / "bad.pt"),
+        "meta without in_channels, image_size",
+        "needs arch, num_classes, in_channels, image_size",
+        "add them",
+    )
 
 
 # TorchScript and torch.export
@@ -118,12 +146,25 @@ def test_torchscript_is_used_as_it_is_and_checked(resnet, tmp_path, how):
     scripted.save(str(path))
     loaded, meta = load_classifier(path, shape=SHAPE)
     assert isinstance(loaded, torch.jit.ScriptModule) and logits_match(loaded, resnet)
-    assert meta == {"arch": "torchscript", "format": "torchscript", "path": str(path),
-                    "num_classes": 10, "in_channels": 1, "image_size": 32}  # fmt: skip
-    one_line_error(lambda: load_classifier(path, shape=(3, 32, 10)),
-                   "does not take 3×32×32 inputs", "to have 1 channels", "set input.channels / input.size")
-    one_line_error(lambda: load_classifier(path, shape=(1, 32, 5)),
-                   "gives 10 classes, input.num_classes says 5", "set input.num_classes=10")
+    assert meta == {
+        "arch": "torchscript",
+        "format": "torchscript",
+        "path": str(path),
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 32,
+    }
+    one_line_error(
+        lambda: load_classifier(path, shape=(3, 32, 10)),
+        "does not take 3×32×32 inputs",
+        "to have 1 channels",
+        "set input.channels / input.size",
+    )
+    one_line_error(
+        lambda: load_classifier(path, shape=(1, 32, 5)),
+        "gives 10 classes, input.num_classes says 5",
+        "set input.num_classes=10",
+    )
     assert load_classifier(path, shape=(1, 32, None))[1]["num_classes"] == 10  # classes it tells itself
 
 
@@ -134,8 +175,14 @@ def test_exported_program_loads_and_takes_any_batch(resnet, tmp_path):
     torch.export.save(program, path)
     loaded, meta = load_classifier(path, shape=SHAPE)
     assert logits_match(loaded, resnet)
-    assert meta == {"arch": "exported", "format": "exported", "path": str(path),
-                    "num_classes": 10, "in_channels": 1, "image_size": 32}  # fmt: skip
+    assert meta == {
+        "arch": "exported",
+        "format": "exported",
+        "path": str(path),
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 32,
+    }
     loaded.train()  # the exported module itself refuses train() and eval()
     assert logits_match(loaded, resnet)
     one_line_error(lambda: load_classifier(path, shape=(3, 32, 10)), "does not take 3×32×32 inputs")
@@ -149,8 +196,11 @@ def small_net() -> nn.Module:
 def test_exported_for_one_batch_size_is_refused(tmp_path):
     path = tmp_path / "static.pt2"
     torch.export.save(torch.export.export(small_net(), (torch.zeros(2, 1, 32, 32),)), path)
-    one_line_error(lambda: load_classifier(path, shape=SHAPE), "takes a batch of 2 images but not of 3",
-                   "dynamic_shapes=({0: torch.export.Dim('batch')},)")  # fmt: skip
+    one_line_error(
+        lambda: load_classifier(path, shape=SHAPE),
+        "takes a batch of 2 images but not of 3",
+        "dynamic_shapes=({0: torch.export.Dim('batch')},)",
+    )
 
 
 class RunsCommand:
@@ -174,8 +224,13 @@ def test_exported_program_with_a_pickled_payload_is_refused_unrun(tmp_path):
         for info in src.infolist():
             swap = info.filename.endswith("data/sample_inputs/model.pt")
             dst.writestr(info, payload.getvalue() if swap else src.read(info.filename))
-    one_line_error(lambda: load_classifier(bad, shape=SHAPE), "run code when loaded",
-                   "data/sample_inputs/model.pt", "it was not loaded", "teacher.trust_pickle=true")
+    one_line_error(
+        lambda: load_classifier(bad, shape=SHAPE),
+        "run code when loaded",
+        "data/sample_inputs/model.pt",
+        "it was not loaded",
+        "teacher.trust_pickle=true",
+    )
     assert not marker.exists()
     x = torch.randn(3, 1, 32, 32)
     assert torch.allclose(load_classifier(good, shape=SHAPE)[0](x), net(x))
@@ -187,15 +242,24 @@ def test_exported_program_with_a_pickled_payload_is_refused_unrun(tmp_path):
 def test_whole_pickled_module_needs_the_opt_in_and_warns(resnet, tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(resnet[0], path)
-    one_line_error(lambda: load_classifier(path, shape=SHAPE),
-                   "holds a whole pickled module (torchvision.models.resnet.ResNet)",
-                   "runs code from the file",
-                   "set teacher.trust_pickle=true if you trust its source", "save model.state_dict() instead")
+    one_line_error(
+        lambda: load_classifier(path, shape=SHAPE),
+        "holds a whole pickled module (torchvision.models.resnet.ResNet)",
+        "runs code from the file",
+        "set teacher.trust_pickle=true if you trust its source",
+        "save model.state_dict() instead",
+    )
     with pytest.warns(UserWarning, match="trust_pickle: unpickling it ran code from the file"):
         model, meta = load_classifier(path, shape=SHAPE, trust_pickle=True)
     assert logits_match(model, resnet)
-    assert meta == {"arch": "torchvision.models.resnet.ResNet", "format": "pickle", "path": str(path),
-                    "num_classes": 10, "in_channels": 1, "image_size": 32}  # fmt: skip
+    assert meta == {
+        "arch": "torchvision.models.resnet.ResNet",
+        "format": "pickle",
+        "path": str(path),
+        "num_classes": 10,
+        "in_channels": 1,
+        "image_size": 32,
+    }
 
 
 def test_pickled_objects_beside_weights_load_only_when_trusted(resnet, tmp_path):
@@ -204,8 +268,11 @@ def test_pickled_objects_beside_weights_load_only_when_trusted(resnet, tmp_path)
     path = tmp_path / "with_args.pt"
     torch.save({"model": resnet[0].state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
     one_line_error(lambda: load_safe(path), "beyond plain weights (it would call argparse.Namespace)")
-    one_line_error(lambda: load_classifier(path, ARCH, shape=SHAPE), "argparse.Namespace",
-                   "set teacher.trust_pickle=true")
+    one_line_error(
+        lambda: load_classifier(path, ARCH, shape=SHAPE),
+        "argparse.Namespace",
+        "set teacher.trust_pickle=true",
+    )
     with pytest.warns(UserWarning, match="ran code from the file"):
         model, meta = load_classifier(path, ARCH, shape=SHAPE, trust_pickle=True)
     assert logits_match(model, resnet) and meta["format"] == "state_dict"
@@ -236,9 +303,11 @@ def test_pickled_code_is_refused_unrun_even_when_trusted(tmp_path, how, call):
     for trust in (False, True):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # torch warns of protocol 5 before refusing: it stays quiet
-            message = one_line_error(lambda: load_classifier(path, ARCH, shape=SHAPE, trust_pickle=trust),
-                                     f"holds code ({call}) and was refused; it was not run",
-                                     "ask its source for the weights as a plain state_dict")  # fmt: skip
+            message = one_line_error(
+                lambda trust=trust: load_classifier(path, ARCH, shape=SHAPE, trust_pickle=trust),
+                f"holds code ({call}) and was refused; it was not run",
+                "ask its source for the weights as a plain state_dict",
+            )
         assert "corrupt" not in message and not caught, [str(w.message) for w in caught]
         assert ("trust_pickle does not load it" in message) == trust
     assert not marker.exists()
@@ -256,14 +325,15 @@ def test_junk_and_truncated_files_are_unreadable(resnet, tmp_path):
     one_line_error(lambda: load_classifier(tmp_path / "none.pt"), "not found")
     listed = tmp_path / "list.pt"
     torch.save([torch.ones(1)], listed)
-    one_line_error(lambda: load_classifier(listed, ARCH, shape=SHAPE), "holds a list",
-                   "save model.state_dict()")
+    one_line_error(
+        lambda: load_classifier(listed, ARCH, shape=SHAPE), "holds a list", "save model.state_dict()"
+    )
 
 
 # user code, timm and the registry
 
 
-NET_FILE = '''
+NET_FILE = """
 import torch.nn as nn
 from blocks import head  # a file beside this one
 
@@ -285,7 +355,7 @@ def five_classes():
 
 def not_a_module():
     return 3
-'''
+"""
 
 
 @pytest.fixture
@@ -313,9 +383,11 @@ def test_package_module_factory(tmp_path, monkeypatch):
     pkg = tmp_path / "dfkd_test_userpkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "zoo.py").write_text("import torch.nn as nn\n\n\ndef tiny(num_classes, in_channels=1):\n"
-                                "    flat = nn.Linear(in_channels * 32 * 32, num_classes)\n"
-                                "    return nn.Sequential(nn.Flatten(), flat)\n")
+    (pkg / "zoo.py").write_text(
+        "import torch.nn as nn\n\n\ndef tiny(num_classes, in_channels=1):\n"
+        "    flat = nn.Linear(in_channels * 32 * 32, num_classes)\n"
+        "    return nn.Sequential(nn.Flatten(), flat)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     model = build_classifier("dfkd_test_userpkg.zoo:tiny", 1, 10, 32, {"num_classes": 10})
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
@@ -326,11 +398,17 @@ USER_ERRORS = [
     ("broken.py:Net", {}, ["importing 'broken.py' failed: SyntaxError"]),
     ("needs_pkg.py:Net", {}, ["importing 'needs_pkg.py' failed: ModuleNotFoundError", "no_such_pkg_xyz"]),
     ("nets/mynet.py:Nett", {}, ["has no 'Nett'", "it defines: Net, five_classes, not_a_module"]),
-    ("nets/mynet.py:Net", {"in_channels": 1, "num_classes": 10, "depth": 3},
-     ["calling it with kwargs", "TypeError", "'depth'", "set teacher.kwargs / student.kwargs"]),
+    (
+        "nets/mynet.py:Net",
+        {"in_channels": 1, "num_classes": 10, "depth": 3},
+        ["calling it with kwargs", "TypeError", "'depth'", "set teacher.kwargs / student.kwargs"],
+    ),
     ("nets/mynet.py:five_classes", {}, ["gives (2, 5) for inputs of shape (2, 1, 32, 32); expected (2, 10)"]),
-    ("nets/mynet.py:Net", {"in_channels": 3, "num_classes": 10},
-     ["fails on inputs of shape (2, 1, 32, 32)", "RuntimeError", "it must take 1×32×32 images"]),
+    (
+        "nets/mynet.py:Net",
+        {"in_channels": 3, "num_classes": 10},
+        ["fails on inputs of shape (2, 1, 32, 32)", "RuntimeError", "it must take 1×32×32 images"],
+    ),
     ("nets/mynet.py:not_a_module", {}, ["returned a int, not a torch.nn.Module"]),
     ("no_such_pkg_xyz.models:make", {}, ["cannot import 'no_such_pkg_xyz.models'", "PYTHONPATH"]),
 ]
@@ -352,18 +430,24 @@ def test_timm_model(tmp_path):
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     loaded, _ = load_classifier(tmp_path / "sd.pt", "timm.test_resnet", shape=SHAPE)
     assert torch.allclose(loaded.eval()(x), model(x), atol=1e-6)
-    one_line_error(lambda: build_classifier("timm.resnet10", 1, 10, 32), "unknown timm model 'resnet10'",
-                   "did you mean timm.resnet10t?")
+    one_line_error(
+        lambda: build_classifier("timm.resnet10", 1, 10, 32),
+        "unknown timm model 'resnet10'",
+        "did you mean timm.resnet10t?",
+    )
 
 
 def test_unknown_names_suggest_the_closest_and_list_every_form():
-    message = one_line_error(lambda: build_classifier("lenet_5", 1, 10, 32),
-                             "unknown classifier 'lenet_5'; did you mean 'lenet5'? known: lenet5, ")
+    message = one_line_error(
+        lambda: build_classifier("lenet_5", 1, 10, 32),
+        "unknown classifier 'lenet_5'; did you mean 'lenet5'? known: lenet5, ",
+    )
     for form in FORMS:
         assert form in message and form in classifier_names()
     assert "pip install 'dfkd[timm]'" in message
-    one_line_error(lambda: build_classifier("torchvison.resnet18", 1, 10, 32),
-                   "did you mean 'torchvision.resnet18'?")
+    one_line_error(
+        lambda: build_classifier("torchvison.resnet18", 1, 10, 32), "did you mean 'torchvision.resnet18'?"
+    )
     one_line_error(lambda: build_classifier("torchvision.resnet81", 1, 10, 32), "did you mean 'resnet18'?")
     plain = Registry("widget")
     plain.register("gear")(object)
@@ -371,14 +455,18 @@ def test_unknown_names_suggest_the_closest_and_list_every_form():
     forms = Registry("widget", forms="any sprocket")
     forms.register("gear")(object)
     assert str(pytest.raises(DfkdError, forms.get, "geer").value) == (
-        "unknown widget 'geer'; did you mean 'gear'? known: gear; or any sprocket")
+        "unknown widget 'geer'; did you mean 'gear'? known: gear; or any sprocket"
+    )
 
 
 def test_lenet_size_error_and_kwargs_for_registered_archs():
-    one_line_error(lambda: build_classifier("lenet5", 1, 10, 28),
-                   "LeNet-5 takes 32×32 inputs, not 28×28: set data.image_size=32 (or input.size=32)")
-    one_line_error(lambda: build_classifier("lenet5", 1, 10, 32, {"width": 2}), "takes no kwargs",
-                   "remove them")
+    one_line_error(
+        lambda: build_classifier("lenet5", 1, 10, 28),
+        "LeNet-5 takes 32×32 inputs, not 28×28: set data.image_size=32 (or input.size=32)",
+    )
+    one_line_error(
+        lambda: build_classifier("lenet5", 1, 10, 32, {"width": 2}), "takes no kwargs", "remove them"
+    )
 
 
 # get_teacher and check_runs
@@ -400,8 +488,10 @@ def test_get_teacher_passes_arch_kwargs_shape_and_trust(resnet, tmp_path):
     cfg = TeacherConfig(checkpoint=str(export))
     model, meta = get_teacher(DataConfig(name="none"), cfg, None, torch.device("cpu"), shape=SHAPE)
     assert not model.training and logits_match(model, resnet) and meta["format"] == "exported"
-    one_line_error(lambda: get_teacher(DataConfig(name="none"), cfg, None, torch.device("cpu"),
-                                       shape=(1, 32, 5)), "gives 10 classes, input.num_classes says 5")
+    one_line_error(
+        lambda: get_teacher(DataConfig(name="none"), cfg, None, torch.device("cpu"), shape=(1, 32, 5)),
+        "gives 10 classes, input.num_classes says 5",
+    )
 
 
 def test_check_runs_names_the_shape_it_gives():
@@ -409,7 +499,10 @@ def test_check_runs_names_the_shape_it_gives():
         def forward(self, x):
             return x.flatten()
 
-    one_line_error(lambda: check_runs(Flat(), SHAPE, "'flat.pt'"), "teacher 'flat.pt' gives (2048,)",
-                   "must give logits of shape (2, 10)")
+    one_line_error(
+        lambda: check_runs(Flat(), SHAPE, "'flat.pt'"),
+        "teacher 'flat.pt' gives (2048,)",
+        "must give logits of shape (2, 10)",
+    )
     net = small_net().train()
     assert check_runs(net, SHAPE, "x") == 10 and net.training  # the mode is restored

@@ -19,8 +19,14 @@ def test_real_offline_wandb_run_writes_its_files(tiny, tmp_path, run_of, monkeyp
     for name in ["config.yaml", "metrics.jsonl", "summary.json", "student.pt", "checkpoints/last.pt"]:
         assert (tmp_path / name).exists(), name
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
-    assert set(summary) >= {"teacher_acc", "student_acc", "best_student_acc", "iterations", "wall_s",
-                            "images_per_s"}  # fmt: skip
+    assert set(summary) >= {
+        "teacher_acc",
+        "student_acc",
+        "best_student_acc",
+        "iterations",
+        "wall_s",
+        "images_per_s",
+    }
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("step" in r for r in records)
     keys = {k for r in records for k in r if k != "step"}

@@ -1,5 +1,6 @@
 """The W&B record of a run equals its metrics.jsonl after a hard kill and after a rollback: read
 back from the offline `.wandb` files, with a real wandb and no mocks."""
+
 import json
 import signal
 import subprocess
@@ -50,8 +51,13 @@ def wandb_runs(run_dir: Path) -> dict[str, dict]:
     """Every W&B run a run directory holds: {id: {group, tags, summary, history: {step: {key: value}}}}."""
     runs = {}
     for path in sorted(run_dir.glob("wandb/offline-run-*/*.wandb")):
-        run = {"id": path.stem.removeprefix("run-"), "group": None, "tags": set(), "summary": {},
-               "history": {}}  # fmt: skip
+        run = {
+            "id": path.stem.removeprefix("run-"),
+            "group": None,
+            "tags": set(),
+            "summary": {},
+            "history": {},
+        }
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
@@ -95,8 +101,9 @@ def numbers(history: dict[int, dict]) -> dict[int, dict]:
     rows = {}
     for step, row in history.items():
         files = media(row)
-        rows[step] = {k: v for k, v in row.items()
-                      if not k.startswith("_") and k.rsplit("/", 1)[0] not in files}  # fmt: skip
+        rows[step] = {
+            k: v for k, v in row.items() if not k.startswith("_") and k.rsplit("/", 1)[0] not in files
+        }
     return {step: row for step, row in rows.items() if row}
 
 
@@ -111,12 +118,27 @@ def test_the_record_after_a_sigkill_and_resume_equals_metrics_jsonl(tmp_path, of
 
     (tmp_path / "exp.yaml").write_text("name: tiny\n")
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "dfkd", "run", str(tmp_path / "exp.yaml"), "--out", str(out),
-            "teacher.epochs=1", "generator.width=4", "train.batch_size=16", "train.log_every=1",
-            "train.checkpoint_every=4", "train.eval_every=1000", "train.sample_every=1000",
-            "tracking.mode=offline", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen([*args, "--iterations", "100000"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "dfkd",
+        "run",
+        str(tmp_path / "exp.yaml"),
+        "--out",
+        str(out),
+        "teacher.epochs=1",
+        "generator.width=4",
+        "train.batch_size=16",
+        "train.log_every=1",
+        "train.checkpoint_every=4",
+        "train.eval_every=1000",
+        "train.sample_every=1000",
+        "tracking.mode=offline",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        [*args, "--iterations", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:  # past the checkpoint at 8, mid-interval
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
@@ -174,6 +196,7 @@ def test_the_record_after_a_rollback_equals_metrics_jsonl(tiny, run_of, tmp_path
 def test_the_fallback_warning_says_how_long_it_waited(tmp_path):
     tracker = Tracker(tmp_path, TrackingConfig(mode="disabled", init_timeout=60), {}, "abc")
     assert tracker._unreached(TimeoutError("deadline exceeded"), 60.4) == (
-        "W&B server not reached within 60 s (tracking.init_timeout; TimeoutError)")  # fmt: skip
+        "W&B server not reached within 60 s (tracking.init_timeout; TimeoutError)"
+    )
     message = tracker._unreached(ConnectionRefusedError("connection refused\nmore"), 0.31)
     assert message == "W&B server not reached: ConnectionRefusedError after 0.3 s: connection refused"
