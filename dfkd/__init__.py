@@ -10,18 +10,20 @@ from dfkd.api import DistillResult, distill  # noqa: E402
 from dfkd.spec import InputSpec  # noqa: E402
 
 
-def load_student(path):
-    """A distilled student (student.pt, or a run directory holding one) and its InputSpec."""
+def load_student(path, arch=None):
+    """A distilled student (student.pt, or a run directory holding one) and its InputSpec; `arch`
+    names a student of your own code (dfkd runs no code a file's meta names)."""
     from dfkd.export import load_student as load
 
-    return load(path)
+    return load(path, arch)
 
 
-def export_student(source, fmt: str, out=None):
-    """Write a deployable student (torchscript | onnx | exported | state_dict), verified; its path."""
+def export_student(source, fmt: str, out=None, overwrite: bool = False, arch=None):
+    """Write a deployable student (torchscript | onnx | exported | state_dict), verified; its path.
+    An existing file is replaced only with `overwrite`; `arch` names a student of your own code."""
     from dfkd.export import export_student as export
 
-    return export(source, fmt, out)
+    return export(source, fmt, out, overwrite=overwrite, arch=arch)
 
 
 __all__ = ["DistillResult", "InputSpec", "distill", "export_student", "load_student", "__version__"]

@@ -17,8 +17,6 @@ from dfkd.config import ExperimentConfig, TeacherConfig, load_config, with_setti
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
 
-Teacher = "nn.Module | str | Path"
-
 
 @dataclass
 class DistillResult:
@@ -76,7 +74,9 @@ def distill(
     elif eval_data is not None:
         eval_split = eval_data
     run_dir = _run_dir(out, cfg.name)
-    created = prepare_run_dir(run_dir, resume, overwrite) if distributed.is_main() else False
+    created, replace = (
+        prepare_run_dir(run_dir, resume, overwrite) if distributed.is_main() else (False, False)
+    )
     distributed.barrier()
     from dfkd.assemble import assemble
     from dfkd.loop import Run
@@ -90,7 +90,12 @@ def distill(
         if created:  # bad input leaves no empty run directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    summary = run.fit(stop_at)
+    if replace:  # only now that every input checked out does the old run go
+        _empty(run_dir)
+    try:
+        summary = run.fit(stop_at)
+    finally:
+        parts.pool.release()
     deployed = run.game.deployed_student
     if student_module is not None and deployed is not student_module:
         student_module.load_state_dict(deployed.state_dict())  # the caller's module holds the result
@@ -135,20 +140,28 @@ def _run_dir(out, name: str) -> Path:
     return distributed.gather(run_dir)[0]  # rank 0's clock names the run
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Check (and make) the run directory; True when this call created it."""
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """Check (and make) the run directory. Returns (created: this call made it, replace: an old run
+    is to be removed once the inputs have been checked)."""
     if out.exists() and not out.is_dir():
         raise DfkdError(f"--out {str(out)!r} is a file, not a run directory; choose another --out")
     if resume:
         check_resumable_file(out / "checkpoints" / "last.pt")
-        return False
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DfkdError(
-                f"run directory {str(out)!r} exists; "
-                "pass --resume to continue it or --overwrite to replace it"
-            )
-        shutil.rmtree(out)
+        return False, False
+    replace = out.exists() and any(out.iterdir())
+    if replace and not overwrite:
+        raise DfkdError(
+            f"run directory {str(out)!r} exists; pass --resume to continue it or --overwrite to replace it"
+        )
+    if replace and not is_run_dir(out):
+        raise DfkdError(
+            f"--overwrite replaces a dfkd run, and {str(out)!r} holds other files (no config.yaml or "
+            "checkpoints/); choose another --out"
+        )
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +172,15 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
         raise DfkdError(
             f"cannot write to run directory {str(out)!r}: {err.strerror}; choose another --out"
         ) from None
-    return created
+    return created, replace
+
+
+def _empty(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def check_resumable_file(last: Path) -> None:

@@ -21,6 +21,7 @@ from dfkd.config import ExperimentConfig, TeacherConfig
 from dfkd.data import Dataset, load_dataset
 from dfkd.errors import DfkdError
 from dfkd.models import build_classifier
+from dfkd.perf import check_perf
 from dfkd.pool import TeacherPool, check_agreement
 from dfkd.report import EvalSet
 from dfkd.spec import InputSpec
@@ -81,7 +82,7 @@ def load_teacher(
     if recipe.checkpoint is None:
         if dataset is None:
             raise DfkdError("data.name=none has no images to train a teacher on: set teacher.checkpoint")
-        return get_teacher(cfg.data, recipe, dataset, device, progress)
+        return get_teacher(cfg.data, recipe, dataset, device, progress)  # from its recipe
     path = Path(recipe.checkpoint).expanduser()
     model, meta = load_classifier(
         path,
@@ -212,6 +213,7 @@ def assemble(
     """Everything a Run needs. `teachers` (frozen here), `student`, `spec` and `eval_split` (a
     dfkd.data.Split) replace what the config would build."""
     device = resolve_device(cfg.train.device)
+    check_perf(cfg.perf, device)
     dataset = dataset_for(cfg)
     if teachers is not None:
         models = [freeze(t.to(device)) for t in teachers]

@@ -70,6 +70,15 @@ class StudentBatches:
         x = random_mixup(x, m.student_mixup, rng) if m.student_mixup else x
         return x, teacher(x)
 
+    def forget(self, generator_state: dict) -> None:
+        """After the generator starts afresh: its average restarts from `generator_state` and the
+        replay memory of the old generator's batches empties."""
+        if self.generator_average is not None:
+            self.generator_average.model.load_state_dict(generator_state)
+        if self.memory is not None:
+            self.memory = ReplayMemory(self.memory.capacity)
+        self.average_batch = None
+
     def state_dict(self) -> dict:
         return {"memory": self.memory.state_dict()} if self.memory is not None else {}
 

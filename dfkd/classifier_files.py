@@ -49,7 +49,7 @@ from dfkd.checkpoint import PickleRefused, load_safe
 from dfkd.errors import DfkdError
 from dfkd.graph_files import archive_kind, load_exported, load_torchscript
 from dfkd.models import build_classifier
-from dfkd.user_code import error_line
+from dfkd.user_code import error_line, is_user_code
 
 # (channels, size, num_classes); None where unknown: a loaded model may tell its classes itself.
 Shape = tuple[int | None, int | None, int | None]
@@ -86,7 +86,7 @@ def load_classifier(
     if isinstance(obj, nn.Module):
         return _self_contained(obj, f"{type(obj).__module__}.{type(obj).__qualname__}", "pickle", path, shape)
     if isinstance(obj, dict) and "state_dict" in obj and "meta" in obj:
-        return _from_dfkd(obj, path, kwargs)
+        return _from_dfkd(obj, path, kwargs, arch)
     state = _state_dict_in(obj)
     if state is None:
         raise DfkdError(
@@ -239,7 +239,7 @@ def fit_weights(model: nn.Module, state: dict, arch: str, what: str, fix: str) -
     model.load_state_dict(state)
 
 
-def _from_dfkd(ckpt: dict, path: Path, kwargs: dict | None) -> tuple[nn.Module, dict]:
+def _from_dfkd(ckpt: dict, path: Path, kwargs: dict | None, arch: str | None) -> tuple[nn.Module, dict]:
     where = f"checkpoint {str(path)!r}"
     meta = ckpt["meta"]
     if not isinstance(meta, dict):
@@ -253,6 +253,12 @@ def _from_dfkd(ckpt: dict, path: Path, kwargs: dict | None) -> tuple[nn.Module, 
             f"{where} has a meta without {', '.join(missing)} (a dfkd checkpoint's meta needs "
             f"{', '.join(DFKD_META_KEYS)}): add them, or save the bare state_dict and set "
             "teacher.arch"
+        )
+    if is_user_code(meta["arch"]) and arch != meta["arch"]:
+        # a file's meta never chooses code to run: the user names it, or nothing runs
+        raise DfkdError(
+            f"{where} is a network of user code ({meta['arch']}); dfkd imports and runs code only when "
+            f"you name it: set teacher.arch (or arch=) to {meta['arch']!r}"
         )
     model = build_classifier(
         meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"], meta.get("kwargs", kwargs)

@@ -104,8 +104,8 @@ def _add_train_teacher(sub) -> None:
 def _add_bench(sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="time dfkd's trainer against a plain DFAD loop (same algorithm, same process)",
-        description="Times a plain reference DFAD loop and dfkd's trainer running the same algorithm (fresh "
+        help="time dfkd against a plain DFAD loop (same algorithm, same process)",
+        description="Times a plain reference DFAD loop and dfkd running the same algorithm (fresh "
         "batch per student step) in turns, prints images/s, each fast path's effect, where dfkd's time goes, "
         "and on its last line `speedup: X` for dfkd as the config sets its perf section.",
         epilog=EPILOG,
@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:
         print(
-            "dfkd: interrupted; once distillation has started a checkpoint is saved: continue with --resume",
+            "dfkd: interrupted; a run stopped at an iteration boundary keeps its checkpoint: "
+            "continue with --resume",
             file=sys.stderr,
         )
         return getattr(err, "exit_code", 128 + signal.SIGINT)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dfkd.errors import DfkdError
+from dfkd.signals import Interrupted
 
 if TYPE_CHECKING:
     from dfkd.config import ExperimentConfig
@@ -78,14 +79,9 @@ def no_empty_dirs_left(out: Path | None, default_parent: Path | None = None):
         raise
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, delivered like Ctrl-C so the trainer saves a checkpoint on its way out."""
-
-    exit_code = 128 + signal.SIGTERM
-
-
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    """SIGTERM before the run's loop (which notes it itself): stop like Ctrl-C, exit 143."""
+    raise Interrupted(signum)
 
 
 def cmd_run(cfg, args) -> int:
@@ -122,11 +118,11 @@ def cmd_run(cfg, args) -> int:
         f"({s['iterations']} iterations, {s['images_per_s']:.0f} images/s)"
     )
     print(f"{'run dir':<14}{out}")
-    print(f"{'W&B':<14}{trainer_wandb_hint(out, cfg)}")
+    print(f"{'W&B':<14}{wandb_hint(out, cfg)}")
     return 0
 
 
-def trainer_wandb_hint(out: Path, cfg) -> str:
+def wandb_hint(out: Path, cfg) -> str:
     from dfkd.tracking import resolve_mode
 
     mode = resolve_mode(cfg.tracking)

@@ -120,7 +120,8 @@ def read_idx_folder(root: Path) -> RawSplits:
             raise DfkdError(f"no {prefix}-{kind}-idx?-ubyte[.gz] file in {root}")
         return hits[0]
 
-    return tuple(read_idx(find(p, k)) for p in ("train", "t10k") for k in ("images", "labels"))  # type: ignore
+    splits = [read_idx(find(p, k)) for p in ("train", "t10k") for k in ("images", "labels")]
+    return tuple(splits)  # type: ignore[return-value]
 
 
 @_register("fashion_mnist", FASHION_INFO)

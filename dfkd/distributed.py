@@ -73,9 +73,27 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any."""
     if not active():
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)], device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of `value` over every rank (itself without torchrun)."""
+    if not active():
+        return value
+    t = torch.tensor([value], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / dist.get_world_size()
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces only CUDA tensors; gloo, CPU ones."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def gather(obj) -> list:

@@ -65,17 +65,18 @@ def student_path(source: str | Path) -> Path:
     return path
 
 
-def load_student(path: str | Path) -> tuple[nn.Module, InputSpec]:
-    """A dfkd student checkpoint (or the run directory holding student.pt), in eval mode, with its spec."""
-    model, meta = load_frozen(student_path(path))
+def load_student(path: str | Path, arch: str | None = None) -> tuple[nn.Module, InputSpec]:
+    """A dfkd student checkpoint (or the run directory holding student.pt), in eval mode, with its spec.
+    A student of your own code loads only when `arch` names that code (its file's meta never does)."""
+    model, meta = load_frozen(student_path(path), arch)
     return model, spec_from_meta(meta, str(student_path(path)))
 
 
-def load_frozen(path: Path) -> tuple[nn.Module, dict]:
+def load_frozen(path: Path, arch: str | None = None) -> tuple[nn.Module, dict]:
     """A dfkd checkpoint's model, in eval mode and without parameter gradients, and its meta."""
     from dfkd.classifier_files import load_classifier
 
-    model, meta = load_classifier(path)
+    model, meta = load_classifier(path, arch=arch)
     return model.eval().requires_grad_(False), meta
 
 
@@ -91,6 +92,8 @@ def spec_document(spec: InputSpec, meta: dict) -> dict:
         "input": "N x channels x size x size, float32, (pixel in [0, 1] - mean) / std per channel",
         "output": "N x num_classes logits",
     }
+    if meta.get("kwargs"):
+        doc["kwargs"] = dict(meta["kwargs"])
     if meta.get("classes"):
         doc["classes"] = list(meta["classes"])
     return doc
@@ -111,14 +114,25 @@ def verification_batch(spec: InputSpec) -> torch.Tensor:
 
 
 def export_student(
-    source: str | Path, fmt: str, out: str | Path | None = None, *, overwrite: bool = False
+    source: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    arch: str | None = None,
 ) -> Path:
-    """Write the student at `source` (a run directory or student .pt) as `fmt`, verified; return the file."""
-    return export_verified(source, fmt, out, overwrite=overwrite).path
+    """Write the student at `source` (a run directory or student .pt) as `fmt`, verified; return the file.
+    `arch` names a student of your own code (see load_student)."""
+    return export_verified(source, fmt, out, overwrite=overwrite, arch=arch).path
 
 
 def export_verified(
-    source: str | Path, fmt: str, out: str | Path | None = None, *, overwrite: bool = False
+    source: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    arch: str | None = None,
 ) -> ExportResult:
     """export_student, also giving the spec and the max |Δlogit| of the reloaded file."""
     if fmt not in SUFFIXES:
@@ -130,7 +144,7 @@ def export_verified(
         check_target(target, overwrite)
     if fmt == "onnx":
         _require_onnx()
-    model, meta = load_frozen(src)
+    model, meta = load_frozen(src, arch)
     spec = spec_from_meta(meta, str(src))
     doc = spec_document(spec, meta)
     sidecar = sidecar_of(out) if fmt == "state_dict" else None
@@ -196,7 +210,9 @@ def check_target(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise DfkdError(f"--out {str(path)!r} is a directory; name the file to write")
     if path.exists() and not overwrite:
-        raise DfkdError(f"{str(path)!r} exists; pass --overwrite to replace it or choose another --out")
+        raise DfkdError(
+            f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it or choose another --out"
+        )
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise DfkdError(
@@ -331,7 +347,7 @@ def _reload_onnx(path: Path, doc: dict) -> Runner:
 def _reload_state_dict(path: Path, doc: dict) -> Runner:
     from dfkd.models import build_classifier
 
-    model = build_classifier(doc["arch"], doc["channels"], doc["num_classes"], doc["size"])
+    model = build_classifier(doc["arch"], doc["channels"], doc["num_classes"], doc["size"], doc.get("kwargs"))
     model.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=True))
     return _no_grad(model.eval())
 

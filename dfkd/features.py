@@ -55,7 +55,7 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[s
     was_training = model.training
     model.eval()
     with capture(model, names) as feats:
-        model(torch.zeros(1, *input_shape))
+        model(torch.zeros(1, *input_shape, device=next(iter(model.parameters()), torch.zeros(0)).device))
     model.train(was_training)
     modules = dict(model.named_modules())
     return [

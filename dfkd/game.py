@@ -28,8 +28,6 @@ from dfkd.pool import TeacherPool
 from dfkd.spec import InputSpec
 from generators import build_generator
 
-N_FIXED_SAMPLES = 64
-
 
 def _untimed(name: str):
     return nullcontext()
@@ -201,6 +199,7 @@ class Game:
             fresh = generator_for(self.cfg, self.spec)
         self.generator.load_state_dict(fresh.state_dict())
         self.generator_player.optimizer.state.clear()
+        self.batches.forget(fresh.state_dict())  # nothing of the collapsed generator feeds the student
 
     # ---- the steps ------------------------------------------------------------------------
     def sample_latent(self, n: int | None = None) -> torch.Tensor:

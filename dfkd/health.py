@@ -1,6 +1,6 @@
 """Run health: non-finite values (divergence) and generator collapse.
 
-Both are checked once per log interval, where the trainer synchronizes with the device anyway.
+Both are checked once per log interval, where the run synchronizes with the device anyway.
 """
 
 from __future__ import annotations

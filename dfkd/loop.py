@@ -4,6 +4,7 @@ its own synthetic batches; rank 0 alone writes files and W&B."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 import uuid
@@ -127,7 +128,8 @@ class Run:
             raise
         bar.close()
         if self.iterations_done < cfg.iterations and not self.stopped:
-            self.save_checkpoint()
+            if self.non_finite({}) is None:  # a checkpoint is only ever written from a healthy state
+                self.save_checkpoint()
             tracker.finish()
             return None
         summary = self.finish(tracker)
@@ -170,8 +172,8 @@ class Run:
         count = 0
         last_log = time.perf_counter()
         while self.iterations_done < stop and not self.stopped:
-            if self.signals:
-                raise Interrupted(self.signals[0])
+            if self._signalled():
+                raise Interrupted(self.signals[0] if self.signals else signal.SIGTERM)
             self.at_boundary = False
             for k, v in self.step().items():
                 sums[k] = sums[k] + v if k in sums else v
@@ -199,7 +201,9 @@ class Run:
                     count * self.game.images_per_iteration / max(now - last_log, 1e-9)
                 )
                 metrics["train/lr_S"] = self.game.student_player.lr
-                metrics["health/collapse"] = self._check_collapse(metrics["train/top_class_frac"])
+                # every rank decides on the mean over ranks, so a reset happens everywhere or nowhere
+                frac = distributed.mean_over_ranks(metrics["train/top_class_frac"])
+                metrics["health/collapse"] = self._check_collapse(frac)
                 metrics["health/generator_resets"] = self.generator_resets
                 pool = self.game.pool
                 if len(pool) > 1:
@@ -222,6 +226,14 @@ class Run:
             if checkpoint_now or self.stopped:
                 self.save_checkpoint()
             self.at_boundary = True
+
+    def _signalled(self) -> bool:
+        """A signal was noted; under torchrun all ranks agree, at log steps, so they stop together."""
+        if not distributed.active():
+            return bool(self.signals)
+        if self.iterations_done % self.cfg.train.log_every:
+            return False
+        return distributed.any_rank(bool(self.signals))
 
     def evaluate(self) -> dict[str, float]:
         game = self.game
@@ -313,8 +325,14 @@ class Run:
         if not self.main:
             return summary
         real = report.real
+        kwargs = self.cfg.student.kwargs if parts.student_arch == self.cfg.student.arch else {}
         meta = student_meta(
-            parts.student_arch, self.cfg.data.name, parts.spec, acc if real else None, report.teacher_acc
+            parts.student_arch,
+            self.cfg.data.name,
+            parts.spec,
+            acc if real else None,
+            report.teacher_acc,
+            kwargs,
         )
         path = report.write(summary, game.deployed_student, meta)
         if real:

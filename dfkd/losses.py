@@ -15,7 +15,7 @@ from dfkd.registry import Registry
 
 LOSSES: Registry = Registry("loss")
 # Generator priors: `(teacher_logits, **taps) -> scalar` to minimize, weighted in method.priors.
-# Taps are what the trainer reads from inside the teacher, only for the priors that need them
+# Taps are what the method reads from inside the teacher, only for the priors that need them
 # (PRIOR_TAPS): `bn_inputs`, (input, running_mean, running_var) per BatchNorm layer;
 # `activation`, the output of the layer method.activation_layer; `images`, the synthetic batch.
 PRIORS: Registry = Registry("generator prior")
@@ -94,7 +94,7 @@ def total_variation(teacher: torch.Tensor, images: torch.Tensor | None = None, *
 
 
 # Feature terms: `(student_feature, teacher_feature) -> scalar`, for one pair of layers. Terms
-# marked `needs_adapter` compare features of one shape: the trainer passes the student's through
+# marked `needs_adapter` compare features of one shape: the method passes the student's through
 # a learned adapter (dfkd.features.Adapter) when the shapes differ.
 FEATURE_LOSSES: Registry = Registry("feature loss")
 

@@ -110,18 +110,34 @@ class Ensemble(nn.Module):
         return sum(w * m(x) for m, w in zip(self.members, self.weights))
 
 
-def renormalize_inputs(model: nn.Module, data_mean, data_std, own_mean, own_std) -> None:
-    """For a teacher trained on other input statistics than the data's: a forward pre-hook maps
-    the generator's space (normalized with the dataset's mean and std) into the teacher's own.
-    Layer paths stay those of the model itself."""
+class Renormalized(nn.Module):
+    """A teacher that hooks cannot reach (TorchScript), taking the generator's input space."""
+
+    def __init__(self, model: nn.Module, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale + self.shift)
+
+
+def renormalize_inputs(model: nn.Module, data_mean, data_std, own_mean, own_std):
+    """For a teacher trained on other input statistics than the data's: the generator's space
+    (normalized with the data's mean and std) mapped into the teacher's own. A forward pre-hook
+    keeps the layer paths those of the model itself; returns (the model to use, the hook's handle
+    to remove when the run ends, or None where the model is wrapped instead)."""
     shape = (1, -1, 1, 1)
-    device = next(model.parameters()).device
+    device = next(iter(model.parameters()), torch.zeros(0)).device
     dm, ds, om, os_ = (
         torch.tensor(v, dtype=torch.float32, device=device).view(shape)
         for v in (data_mean, data_std, own_mean, own_std)
     )
     scale, shift = ds / os_, (dm - om) / os_
-    model.register_forward_pre_hook(lambda _m, args: (args[0] * scale + shift, *args[1:]))
+    if isinstance(model, torch.jit.ScriptModule):
+        return Renormalized(model, scale, shift), None
+    return model, model.register_forward_pre_hook(lambda _m, args: (args[0] * scale + shift, *args[1:]))
 
 
 class TeacherPool:
@@ -131,16 +147,25 @@ class TeacherPool:
     def __init__(
         self, models: list[nn.Module], metas: list[dict], spec: InputSpec, cfg: PoolConfig, seed: int
     ):
-        self.models, self.metas = models, metas
-        for model, meta in zip(models, metas):
+        self.models, self.metas, self.hooks = list(models), metas, []
+        for i, meta in enumerate(metas):
             if not _same(meta, spec):
-                renormalize_inputs(model, spec.mean, spec.std, meta["mean"], meta["std"])
+                self.models[i], hook = renormalize_inputs(
+                    models[i], spec.mean, spec.std, meta["mean"], meta["std"]
+                )
+                self.hooks += [hook] if hook is not None else []
         self.strategy = STRATEGIES.get(cfg.strategy)(len(models), cfg)
         self.rng = random.Random(seed)
         self.uses = [0] * len(models)
 
     def __len__(self) -> int:
         return len(self.models)
+
+    def release(self) -> None:
+        """Take the input hooks off the teachers (a caller's module is left as it came)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
     @property
     def names(self) -> list[str]:

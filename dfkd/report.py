@@ -200,9 +200,10 @@ def check_teachers(accs: list[float], archs: list[str], spec: InputSpec, source:
 
 
 def student_meta(
-    arch: str, dataset: str, spec: InputSpec, acc: float | None, teacher_acc: float | None
+    arch: str, dataset: str, spec: InputSpec, acc: float | None, teacher_acc: float | None, kwargs: dict
 ) -> dict:
-    """The student checkpoint's meta (the schema of dfkd.classifier_files), in the key order dfkd writes."""
+    """The student checkpoint's meta (the schema of dfkd.classifier_files), in the key order dfkd writes;
+    `kwargs` (what the student's arch was called with) only when there are any."""
     return {
         "arch": arch,
         "dataset": dataset,
@@ -214,4 +215,5 @@ def student_meta(
         "test_acc": acc,
         "teacher_acc": teacher_acc,
         "distilled": True,
+        **({"kwargs": kwargs} if kwargs else {}),
     }

@@ -18,10 +18,9 @@ from tqdm.auto import tqdm
 
 from dfkd.augment import random_batch_shift
 from dfkd.checkpoint import save_atomic
-from dfkd.classifier_files import Shape, load_classifier
+from dfkd.classifier_files import load_classifier
 from dfkd.config import DataConfig, TeacherConfig
 from dfkd.data import Dataset
-from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
 from dfkd.models import build_classifier
 
@@ -91,64 +90,30 @@ def train_classifier(
     return model
 
 
-def check_compatible(meta: dict, dataset: Dataset, source: str) -> None:
-    info = dataset.info
-    expected = {
-        "num_classes": info.num_classes,
-        "in_channels": info.channels,
-        "image_size": dataset.image_size,
-    }
-    for key, value in expected.items():
-        if meta.get(key) != value:
-            raise DfkdError(
-                f"teacher {source} has {key}={meta.get(key)} but dataset {dataset.name} needs {value}"
-            )
-
-
 def get_teacher(
-    data: DataConfig,
-    cfg: TeacherConfig,
-    dataset: Dataset | None,
-    device: torch.device,
-    progress: bool = True,
-    shape: Shape | None = None,
+    data: DataConfig, cfg: TeacherConfig, dataset: Dataset, device: torch.device, progress: bool = True
 ) -> tuple[nn.Module, dict]:
-    """The teacher, frozen: eval mode and requires_grad False, once, for the whole run.
-    `shape` = (channels, size, num_classes) of its inputs and logits, by default the dataset's: it
-    rebuilds a plain state_dict and checks a TorchScript, exported or pickled teacher.
-    A checkpoint's fit to the data is checked by the caller (dfkd.pool.load_pool)."""
-    if shape is None and dataset is not None:
-        shape = (dataset.info.channels, dataset.image_size, dataset.info.num_classes)
-    if cfg.checkpoint:
-        path = Path(cfg.checkpoint).expanduser()
-        model, meta = load_classifier(path, cfg.arch, cfg.kwargs, shape, cfg.trust_pickle)
+    """The teacher a recipe describes, frozen: from the cache, or trained on `dataset` and cached.
+    (A teacher file is read by dfkd.classifier_files; dfkd.assemble chooses which.)"""
+    path = cache_dir() / "teachers" / f"{recipe_key(data, cfg)}.pt"
+    if path.is_file():
+        model, meta = load_classifier(path, arch=cfg.arch, kwargs=cfg.kwargs)
     else:
-        if dataset is None:
-            raise DfkdError(
-                "teacher.checkpoint is not set and there is no dataset to train a teacher on: "
-                "set teacher.checkpoint, or data.name to a dataset"
-            )
-        path = cache_dir() / "teachers" / f"{recipe_key(data, cfg)}.pt"
-        if path.is_file():
-            model, meta = load_classifier(path, kwargs=cfg.kwargs)
-        else:
-            start = time.perf_counter()
-            model = train_classifier(cfg, dataset, device, progress)
-            extra = {"kwargs": cfg.kwargs} if cfg.kwargs else {}  # a user's network is rebuilt with them
-            acc = accuracy(model, dataset.test, device)
-            meta = classifier_meta(
-                cfg.arch,
-                dataset,
-                acc,
-                recipe=dataclasses.asdict(cfg),
-                train_s=round(time.perf_counter() - start, 1),
-                **extra,
-            )
-            save_classifier(path, model, meta)
-            meta = {**meta, "format": "dfkd"}
-    meta = {**meta, "path": str(path)}
-    model = freeze(model.to(device))
-    return model, meta
+        start = time.perf_counter()
+        model = train_classifier(cfg, dataset, device, progress)
+        extra = {"kwargs": cfg.kwargs} if cfg.kwargs else {}  # a user's network is rebuilt with them
+        acc = accuracy(model, dataset.test, device)
+        meta = classifier_meta(
+            cfg.arch,
+            dataset,
+            acc,
+            recipe=dataclasses.asdict(cfg),
+            train_s=round(time.perf_counter() - start, 1),
+            **extra,
+        )
+        save_classifier(path, model, meta)
+        meta = {**meta, "format": "dfkd"}
+    return freeze(model.to(device)), {**meta, "path": str(path)}
 
 
 def freeze(model: nn.Module) -> nn.Module:

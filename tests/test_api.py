@@ -269,3 +269,44 @@ def test_a_pool_of_teacher_files(teacher_and_test, tmp_path):
     )
     assert result.summary["teacher_archs"] == ["torchscript", "lenet5"]
     assert result.config.teachers[1].checkpoint == str(tmp_path / "b.pt")
+
+
+def test_overwrite_keeps_the_old_run_until_the_inputs_check_out(teacher_and_test, tmp_path):
+    teacher, images, labels, _ = teacher_and_test
+    run = dict(student="lenet5_half", input=MNIST, overrides=QUICK, progress=False)
+    dfkd.distill(teacher, out=tmp_path / "run", **run)
+    before = (tmp_path / "run" / "summary.json").read_bytes()
+    with pytest.raises(DfkdError, match="lenet9"):
+        dfkd.distill(teacher, out=tmp_path / "run", overwrite=True, **{**run, "student": "lenet9"})
+    assert (tmp_path / "run" / "summary.json").read_bytes() == before, "a refused run replaced nothing"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("not a run")
+    with pytest.raises(DfkdError, match="holds other files .* choose another --out"):
+        dfkd.distill(teacher, out=tmp_path / "notes", overwrite=True, **run)
+    assert (tmp_path / "notes" / "thesis.tex").read_text() == "not a run"
+
+
+def test_a_student_of_user_code_keeps_its_kwargs_and_loads_only_when_named(teacher_and_test, tmp_path):
+    teacher = teacher_and_test[0]
+    (tmp_path / "nets.py").write_text(
+        "import torch.nn as nn\n"
+        "class Small(nn.Module):\n"
+        "    def __init__(self, width=4):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(1, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                                  nn.Flatten(), nn.Linear(width, 10))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n"
+    )
+    arch = f"{tmp_path / 'nets.py'}:Small"
+    overrides = {**QUICK, "student.arch": arch, "student.kwargs": {"width": 6}}
+    result = dfkd.distill(teacher, input=MNIST, overrides=overrides, out=tmp_path / "run", progress=False)
+    meta = torch.load(tmp_path / "run" / "student.pt", weights_only=True)["meta"]
+    assert meta["arch"] == arch and meta["kwargs"] == {"width": 6}
+    with pytest.raises(DfkdError, match="dfkd imports and runs code only when you name it"):
+        dfkd.load_student(tmp_path / "run")
+    loaded, _ = dfkd.load_student(tmp_path / "run", arch=arch)
+    x = torch.randn(4, 1, 32, 32)
+    assert torch.allclose(loaded(x), result.student(x), atol=1e-6)
+    exported = dfkd.export_student(tmp_path / "run", "state_dict", arch=arch)
+    assert json.loads(exported.with_name(exported.name + ".json").read_text())["kwargs"] == {"width": 6}

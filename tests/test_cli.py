@@ -234,7 +234,7 @@ BAD_INPUT = {
     "export without a student": (["export", "{w}/listrun", "--format", "onnx"], "holds no student.pt"),
     "export --out exists": (
         ["export", "{w}/run", "--format", "onnx", "--out", "{w}/file"],
-        "'{w}/file' exists; pass --overwrite to replace it",
+        "'{w}/file' exists; pass --overwrite (overwrite=True) to replace it",
     ),
     "export --out is a directory": (
         ["export", "{w}/run", "--format", "torchscript", "--out", "{w}/run"],

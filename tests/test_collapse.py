@@ -84,3 +84,15 @@ def test_collapse_action_warn_only_warns(tiny, run_of, tmp_path, capsys):
     flags = [r["health/collapse"] for r in records(tmp_path) if "health/collapse" in r]
     assert flags == [0.0, 1.0, 1.0, 1.0]
     assert "consider method.priors" in capsys.readouterr().err
+
+
+def test_a_reset_also_restarts_the_averaged_generator_and_empties_the_replay_memory(tiny, run_of, tmp_path):
+    run = run_of(tiny(method={"generator_ema": 0.9, "replay_size": 64}), tmp_path)
+    run.step()
+    assert run.game.batches.memory.size > 0
+    run.game.reset_generator(seed=5)
+    fresh = run.game.generator.state_dict()
+    average = run.game.batches.generator_average.model.state_dict()
+    assert all(torch.equal(fresh[k], average[k]) for k in fresh)
+    assert run.game.batches.memory.size == 0
+    run.step()  # and the run goes on from there

@@ -7,7 +7,6 @@ import pickle
 import subprocess
 import warnings
 import zipfile
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,11 +14,10 @@ import torch.nn as nn
 
 from dfkd.checkpoint import load_safe
 from dfkd.classifier_files import check_runs, load_classifier
-from dfkd.config import DataConfig, TeacherConfig
 from dfkd.errors import DfkdError
 from dfkd.models import FORMS, build_classifier, classifier_names
 from dfkd.registry import Registry
-from dfkd.teachers import get_teacher, save_classifier
+from dfkd.teachers import save_classifier
 
 SHAPE = (1, 32, 10)  # channels, size, num_classes
 ARCH = "torchvision.resnet18"
@@ -472,24 +470,29 @@ def test_lenet_size_error_and_kwargs_for_registered_archs():
 # get_teacher and check_runs
 
 
-def test_get_teacher_passes_arch_kwargs_shape_and_trust(resnet, tmp_path):
+def test_a_run_loads_its_teacher_file_with_arch_kwargs_shape_and_trust(resnet, tmp_path):
+    from dfkd.assemble import load_teacher
+    from dfkd.config import config_from_dict
+
     path = tmp_path / "whole.pt"
     torch.save(resnet[0], path)
-    info = SimpleNamespace(channels=1, num_classes=10)
-    dataset = SimpleNamespace(info=info, image_size=32, name="stand-in")  # what get_teacher reads of one
-    cfg = TeacherConfig(arch=ARCH, checkpoint=str(path), trust_pickle=True)
+    spec = {"data": {"name": "none"}, "input": {"channels": 1, "size": 32, "num_classes": 10}}
+    cfg = config_from_dict({**spec, "teacher": {"arch": ARCH, "checkpoint": str(path), "trust_pickle": True}})
     with pytest.warns(UserWarning, match="ran code"):
-        model, meta = get_teacher(DataConfig(), cfg, dataset, torch.device("cpu"), progress=False)
+        model, meta = load_teacher(cfg, cfg.teacher, None, torch.device("cpu"), progress=False)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert logits_match(model, resnet) and meta["path"] == str(path) and meta["num_classes"] == 10
     export = tmp_path / "t.pt2"
     batch = ({0: torch.export.Dim("batch")},)
     torch.export.save(torch.export.export(resnet[0], (resnet[1],), dynamic_shapes=batch), export)
-    cfg = TeacherConfig(checkpoint=str(export))
-    model, meta = get_teacher(DataConfig(name="none"), cfg, None, torch.device("cpu"), shape=SHAPE)
+    cfg = config_from_dict({**spec, "teacher": {"checkpoint": str(export)}})
+    model, meta = load_teacher(cfg, cfg.teacher, None, torch.device("cpu"), progress=False)
     assert not model.training and logits_match(model, resnet) and meta["format"] == "exported"
+    five = config_from_dict(
+        {**spec, "input": {**spec["input"], "num_classes": 5}, "teacher": {"checkpoint": str(export)}}
+    )
     one_line_error(
-        lambda: get_teacher(DataConfig(name="none"), cfg, None, torch.device("cpu"), shape=(1, 32, 5)),
+        lambda: load_teacher(five, five.teacher, None, torch.device("cpu"), progress=False),
         "gives 10 classes, input.num_classes says 5",
     )
 
