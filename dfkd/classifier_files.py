@@ -260,9 +260,15 @@ def _from_dfkd(ckpt: dict, path: Path, kwargs: dict | None, arch: str | None) ->
             f"{where} is a network of user code ({meta['arch']}); dfkd imports and runs code only when "
             f"you name it: set teacher.arch (or arch=) to {meta['arch']!r}"
         )
-    model = build_classifier(
-        meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"], meta.get("kwargs", kwargs)
-    )
+    size = meta["image_size"]
+    try:
+        model = build_classifier(
+            meta["arch"], meta["in_channels"], meta["num_classes"], size, meta.get("kwargs", kwargs)
+        )
+    except DfkdError as err:
+        raise DfkdError(
+            f"{where}: its meta (arch {meta['arch']}, image_size {size}) fits no network: {err}"
+        ) from None
     fit_weights(
         model,
         strip_wrapper_prefix(ckpt["state_dict"]),

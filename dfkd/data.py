@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import pickle
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,6 +145,11 @@ def _torchvision(cls_name: str, info: DatasetInfo, **kwargs):
                 ds = cls(str(root), download=False, **split_kw, **kwargs)
             except (RuntimeError, FileNotFoundError) as err:
                 raise DfkdError(f"{cls_name} not found under {root}: {err}".splitlines()[0]) from None
+            except pickle.UnpicklingError:  # torchvision reads legacy processed/*.pt with weights_only
+                raise DfkdError(
+                    f"{cls_name} under {root} holds a processed .pt file that is not plain tensors; "
+                    "remove its processed/ folder (the raw files are read instead)"
+                ) from None
             labels = getattr(ds, "targets", None)
             if labels is None:
                 labels = ds.labels

@@ -64,10 +64,7 @@ class LeNet5(nn.Module):
 def _lenet(width: float, batchnorm: bool = False):
     def build(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
         if image_size != 32:
-            raise DfkdError(
-                f"LeNet-5 takes 32×32 inputs, not {image_size}×{image_size}: "
-                "set data.image_size=32 (or input.size=32)"
-            )
+            raise DfkdError(f"LeNet-5 takes 32×32 inputs, not {image_size}×{image_size}")
         return LeNet5(in_channels, num_classes, width, batchnorm)
 
     return build

@@ -63,3 +63,16 @@ def tiny():
 @pytest.fixture
 def run_of():
     return make_run
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What could not run here is said loudly at the end, not only as an `s` in the progress line."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.write_sep(
+        "!", f"{len(skipped)} test(s) COULD NOT RUN on this machine", red=True, bold=True
+    )
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        terminalreporter.write_line(f"  {report.nodeid}: {reason}", red=True)

@@ -117,6 +117,10 @@ def workspace(tmp_path_factory):
     (root / "system.pt").write_bytes(pickle.dumps(CallsCode(f"touch {root}/ran")))  # the snapshot sees "ran"
     (root / "broken_net.py").write_text("raise ImportError('no module named torchfancy')\n")
     (root / "other_net.py").write_text("import torch.nn as nn\nOther = nn.Linear\n")
+    save_classifier(root / "size28.pt", build_classifier("lenet5", 1, 10, 32), {**meta, "image_size": 28})
+    (root / "mnist_bad" / "MNIST" / "processed").mkdir(parents=True)
+    for split in ("training.pt", "test.pt"):  # torchvision's legacy layout, holding code instead of tensors
+        (root / "mnist_bad" / "MNIST" / "processed" / split).write_bytes(pickle.dumps(CallsCode("true")))
     for name, classes, mode in (("five_classes", 5, "L"), ("rgb_images", 10, "RGB")):
         for c in range(classes):
             (root / name / str(c)).mkdir(parents=True)
@@ -313,6 +317,14 @@ BAD_INPUT = {
     "beta outside [0, 1)": (
         ["student_optim.betas=[2.0, 0.999]"],
         "student_optim.betas[0] must be in [0, 1), got 2.0",
+    ),
+    "meta of another image size": (
+        ["teacher.checkpoint={w}/size28.pt"],
+        "its meta (arch lenet5, image_size 28) fits no network: LeNet-5 takes 32×32",
+    ),
+    "MNIST processed file not tensors": (
+        ["data.name=mnist", "data.root={w}/mnist_bad"],
+        "holds a processed .pt file that is not plain tensors",
     ),
     "unknown collapse action": (
         ["train.collapse_action=panic"],

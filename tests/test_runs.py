@@ -37,7 +37,7 @@ PRESETS = [p for p in RUNS if not p.name.startswith(("cifar", "bench"))]
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_every_preset_takes_two_iterations(tmp_path, run_of, path):
     if path.name.startswith("fmnist") and not HAS_FASHION:
-        pytest.skip("needs dataset-fashion-mnist")
+        pytest.skip("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (Debian)")
     cfg = load_config(path, SMALL)
     if cfg.teachers:  # a pool trains several teachers; as many quick ones stand in for them here
         archs = ["lenet5", "mlp", "lenet5_half"][: len(cfg.teachers)]
@@ -88,7 +88,9 @@ FMNIST_MIN_RATIO = 0.94
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_FASHION, reason="needs dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not HAS_FASHION, reason="Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (Debian)"
+)
 def test_fashion_mnist_recipe_keeps_its_measured_level(tmp_path):
     summary = run_cli(tmp_path, "run", str(Path(__file__).parent.parent / "runs" / "fmnist_lenet5.yaml"))
     print(json.dumps(summary))

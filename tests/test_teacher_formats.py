@@ -460,7 +460,7 @@ def test_unknown_names_suggest_the_closest_and_list_every_form():
 def test_lenet_size_error_and_kwargs_for_registered_archs():
     one_line_error(
         lambda: build_classifier("lenet5", 1, 10, 28),
-        "LeNet-5 takes 32×32 inputs, not 28×28: set data.image_size=32 (or input.size=32)",
+        "LeNet-5 takes 32×32 inputs, not 28×28",
     )
     one_line_error(
         lambda: build_classifier("lenet5", 1, 10, 32, {"width": 2}), "takes no kwargs", "remove them"
