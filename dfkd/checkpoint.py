@@ -111,6 +111,12 @@ def _is_disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in str(err)
 
 
+def remove_stale_temp_files(path: Path) -> None:
+    """A process killed while save_atomic wrote `path` leaves its temporary file behind."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash leaves the old file intact."""
     path = Path(path)

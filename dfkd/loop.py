@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from dfkd import distributed
 from dfkd.assemble import Parts
-from dfkd.checkpoint import DiskFull, save_atomic
+from dfkd.checkpoint import DiskFull, remove_stale_temp_files, save_atomic
 from dfkd.config import ExperimentConfig, config_to_dict
 from dfkd.errors import DfkdError
 from dfkd.game import Game
@@ -82,6 +82,10 @@ class Run:
         self.run_id = uuid.uuid4().hex[:8]
         self.stopped = False
         self.resumed = False  # continues a checkpoint: the record past it is dropped and re-made
+        self.resume_changes: dict[str, tuple] = {}  # config keys a resume changed: (saved, new)
+        self.warned_chance = False
+        self.at_boundary = True
+        self.signals: list[int] = []
         self.saved_step: int | None = None  # the step of the checkpoint on disk
 
     @property
@@ -100,7 +104,8 @@ class Run:
         cfg = self.cfg.train
         stop = min(stop_at or cfg.iterations, cfg.iterations)
         tracker = self._open_tracker()
-        self._remove_stale_temp_files()
+        if self.main:
+            remove_stale_temp_files(self.checkpoint_path)
         self._record_resume_changes(tracker)
         if self.iterations_done == 0:
             teacher = self.report.teacher_metrics()
@@ -136,14 +141,8 @@ class Run:
         tracker.finish()
         return summary
 
-    def _remove_stale_temp_files(self) -> None:
-        """A process killed while writing a checkpoint leaves its temporary file behind."""
-        if self.main:
-            for tmp in self.checkpoint_path.parent.glob(f".{self.checkpoint_path.name}.*.tmp"):
-                tmp.unlink(missing_ok=True)
-
     def _record_resume_changes(self, tracker) -> None:
-        changes = getattr(self, "resume_changes", {})
+        changes = self.resume_changes
         if not changes:
             return
         tracker.log({f"resume/{key}": new for key, (_, new) in changes.items()}, self.iterations_done)
@@ -282,8 +281,8 @@ class Run:
             return 0.0
         chance = 100.0 / self.parts.spec.num_classes
         near = evals["eval/student_acc"] < chance + 0.1 * (report.teacher_acc - chance)
-        if near and not getattr(self, "_warned_chance", False):
-            self._warned_chance = True
+        if near and not self.warned_chance:
+            self.warned_chance = True
             warn(
                 f"the student scores {evals['eval/student_acc']:.1f} % at step {step}, near chance "
                 f"({chance:.0f} %) while the teacher scores {report.teacher_acc:.1f} %: it is not learning. "
@@ -314,33 +313,23 @@ class Run:
     def finish(self, tracker: Tracker) -> dict:
         game, report, parts = self.game, self.report, self.parts
         acc = report.score(game.deployed_student, game.generator)
+        archs = [meta["arch"] for meta in game.pool.metas]
         summary = report.summary(
-            acc,
-            self.iterations_done,
-            self.wall_s,
-            game.images_per_iteration,
-            [meta["arch"] for meta in game.pool.metas],
-            parts.teacher_files,
+            acc, self.iterations_done, self.wall_s, game.images_per_iteration, archs, parts.teacher_files
         )
         if not self.main:
             return summary
-        real = report.real
         kwargs = self.cfg.student.kwargs if parts.student_arch == self.cfg.student.arch else {}
         meta = student_meta(
             parts.student_arch,
             self.cfg.data.name,
             parts.spec,
-            acc if real else None,
+            acc if report.real else None,
             report.teacher_acc,
             kwargs,
         )
         path = report.write(summary, game.deployed_student, meta)
-        if real:
-            tracker.summarize(
-                {"best_student_acc": report.best_acc, "student_acc": acc, "teacher_acc": report.teacher_acc}
-            )
-        else:
-            tracker.summarize({"best_synthetic_agreement": report.best_acc, "synthetic_agreement": acc})
+        tracker.summarize(report.dashboard_summary(acc))
         tracker.log_model(path, f"student-{self.run_id}", meta)
         return summary
 

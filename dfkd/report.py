@@ -178,6 +178,12 @@ class Report:
             **teachers,
         }
 
+    def dashboard_summary(self, acc: float) -> dict:
+        """The figures the W&B run summary shows."""
+        if self.real:
+            return {"best_student_acc": self.best_acc, "student_acc": acc, "teacher_acc": self.teacher_acc}
+        return {"best_synthetic_agreement": self.best_acc, "synthetic_agreement": acc}
+
     def write(self, summary: dict, student: nn.Module, meta: dict) -> Path:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         path = self.run_dir / "student.pt"

@@ -139,4 +139,4 @@ def _apply(changes: dict[str, tuple], run: Run) -> None:
             scale_lr(player.optimizer, player.schedule, new / old)
     for player in players.values():
         replan(player.optimizer, player.schedule, run.cfg.train.iterations)
-    run.resume_changes = {**getattr(run, "resume_changes", {}), **changes}
+    run.resume_changes = {**run.resume_changes, **changes}
