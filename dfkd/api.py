@@ -150,7 +150,9 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> tuple[bool, boo
     if out.exists() and not out.is_dir():
         raise DfkdError(f"--out {str(out)!r} is a file, not a run directory; choose another --out")
     if resume:
-        check_resumable_file(out / "checkpoints" / "last.pt")
+        last = out / "checkpoints" / "last.pt"
+        if not last.is_file():  # what it holds, state.load_run_state checks when it reads it
+            raise DfkdError(f"--resume: no checkpoint at {last}")
         return False, False
     replace = out.exists() and any(out.iterdir())
     if replace and not overwrite:
@@ -181,19 +183,3 @@ def _empty(folder: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-
-
-def check_resumable_file(last: Path) -> None:
-    from dfkd.checkpoint import load_safe
-
-    if not last.is_file():
-        raise DfkdError(f"--resume: no checkpoint at {last}")
-    state = load_safe(last)
-    if not isinstance(state, dict) or "step" not in state or "config" not in state:
-        held = (
-            type(state).__name__ if not isinstance(state, dict) else "a mapping without 'step' and 'config'"
-        )
-        raise DfkdError(
-            f"--resume: {str(last)!r} is not a dfkd run checkpoint (it holds {held}); "
-            "start the run afresh with --overwrite"
-        )

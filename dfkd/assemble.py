@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from dfkd import distributed
-from dfkd.classifier_files import load_classifier
+from dfkd.classifier_files import freeze, load_classifier
 from dfkd.config import ExperimentConfig, TeacherConfig
 from dfkd.data import Dataset, load_dataset
 from dfkd.errors import DfkdError
@@ -25,7 +25,7 @@ from dfkd.perf import check_perf
 from dfkd.pool import TeacherPool, check_agreement
 from dfkd.report import EvalSet
 from dfkd.spec import InputSpec
-from dfkd.teachers import freeze, get_teacher
+from dfkd.teachers import get_teacher
 
 NO_DATASET = "none"
 SPEC_KEYS = {"channels": "in_channels", "size": "image_size", "num_classes": "num_classes"}

@@ -304,3 +304,12 @@ def _from_state_dict(
     fit_weights(model, strip_wrapper_prefix(state), arch, where, STATE_DICT_FIX)
     meta = {"arch": arch, "format": "state_dict", "path": str(path)}
     return model, {**meta, "num_classes": num_classes, "in_channels": channels, "image_size": size}
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients, once for the whole run (ScriptModules included, which
+    have no requires_grad_); gradients still flow through the model into its inputs."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from dfkd.checkpoint import load_safe
-from dfkd.classifier_files import load_classifier
+from dfkd.classifier_files import freeze, load_classifier
 from dfkd.errors import DfkdError
 from dfkd.export import check_target, load_frozen, write_verified
 from dfkd.graph_files import archive_kind
@@ -104,7 +104,7 @@ def _load_for_conversion(src: Path, arch: str, spec: InputSpec) -> nn.Module:
         raise DfkdError(
             f"{str(src)!r} holds a graph, not weights: use it directly as teacher.checkpoint={src}"
         )
-    return model.eval().requires_grad_(False)
+    return freeze(model)
 
 
 def _save_verified(model: nn.Module, meta: dict, spec: InputSpec, out: Path) -> float:

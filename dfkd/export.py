@@ -69,10 +69,10 @@ def load_student(path: str | Path, arch: str | None = None) -> tuple[nn.Module, 
 
 def load_frozen(path: Path, arch: str | None = None) -> tuple[nn.Module, dict]:
     """A dfkd checkpoint's model, in eval mode and without parameter gradients, and its meta."""
-    from dfkd.classifier_files import load_classifier
+    from dfkd.classifier_files import freeze, load_classifier
 
     model, meta = load_classifier(path, arch=arch)
-    return model.eval().requires_grad_(False), meta
+    return freeze(model), meta
 
 
 def spec_document(spec: InputSpec, meta: dict) -> dict:

@@ -105,11 +105,11 @@ def _reload_exported(path: Path, doc: dict) -> Runner:
 def _reload_onnx(path: Path, doc: dict) -> Runner:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    model = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = model.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        return torch.from_numpy(model.run(None, {name: x.numpy()})[0])
 
     return run
 

@@ -12,8 +12,6 @@ Gradient routing (ARCHITECTURE.md, "Gradients"):
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn as nn
 
@@ -27,10 +25,6 @@ from dfkd.perf import PhaseTimer, autocast, speed_up
 from dfkd.pool import TeacherPool
 from dfkd.spec import InputSpec
 from generators import build_generator
-
-
-def _untimed(name: str):
-    return nullcontext()
 
 
 class Player:
@@ -54,7 +48,7 @@ class Player:
         self.optimizer = build_optimizer(self.params, cfg, fused)
         self.schedule = build_schedule(self.optimizer, cfg, iterations)
         self.grad_clip = cfg.grad_clip
-        self.phases = phases or _untimed
+        self.phases = phases or PhaseTimer(device)  # off: one shared no-op context
         self.backward_phase = backward_phase
         self.average: WeightAverage | None = None  # updated after every step when set
 

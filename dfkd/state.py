@@ -101,8 +101,14 @@ def check_resumable(saved: dict, cfg: ExperimentConfig, path: Path) -> dict[str,
 def load_run_state(run: Run, path: Path) -> int:
     """Load `path` into `run`; returns the checkpoint's rollback count."""
     state = load_safe(path)
-    if not isinstance(state, dict) or "step" not in state:
-        raise DfkdError(f"{path} is not a dfkd run checkpoint (no 'step'); resume a run directory dfkd wrote")
+    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+        held = (
+            type(state).__name__ if not isinstance(state, dict) else "a mapping without 'step' and 'config'"
+        )
+        raise DfkdError(
+            f"--resume: {str(path)!r} is not a dfkd run checkpoint (it holds {held}); "
+            "start the run afresh with --overwrite"
+        )
     changes = check_resumable(state.get("config", {}), run.cfg, path)
     game = run.game
     for name, net in game.networks.items():

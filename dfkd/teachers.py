@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from dfkd.augment import random_batch_shift
 from dfkd.checkpoint import save_atomic
-from dfkd.classifier_files import load_classifier
+from dfkd.classifier_files import freeze, load_classifier
 from dfkd.config import DataConfig, TeacherConfig
 from dfkd.data import Dataset
 from dfkd.evaluate import accuracy
@@ -114,12 +114,3 @@ def get_teacher(
         save_classifier(path, model, meta)
         meta = {**meta, "format": "dfkd"}
     return freeze(model.to(device)), {**meta, "path": str(path)}
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode and no parameter gradients, once for the whole run (ScriptModules included, which
-    have no requires_grad_); gradients still flow through the model into its inputs."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model

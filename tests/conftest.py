@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)  # one cache for the whole suite
 def dfkd_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("dfkd-cache")
     old = os.environ.get("DFKD_CACHE")

@@ -77,9 +77,9 @@ logits["torchscript"], specs["torchscript"] = ts(x), json.loads(extra["dfkd_spec
 extra = {"dfkd_spec.json": ""}
 program = torch.export.load(files["exported"], extra_files=extra)
 logits["exported"], specs["exported"] = program.module()(x), json.loads(extra["dfkd_spec.json"])
-session = onnxruntime.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])
-logits["onnx"] = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-specs["onnx"] = json.loads(session.get_modelmeta().custom_metadata_map["dfkd_spec.json"])
+onnx_model = onnxruntime.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])
+logits["onnx"] = torch.from_numpy(onnx_model.run(None, {"input": x.numpy()})[0])
+specs["onnx"] = json.loads(onnx_model.get_modelmeta().custom_metadata_map["dfkd_spec.json"])
 torch.save({k: v.detach() for k, v in logits.items()}, out_path)
 print(json.dumps(specs))
 """

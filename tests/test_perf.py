@@ -179,19 +179,14 @@ def check_speedup_line(lines, rows) -> None:
     assert float(last[1]) == rows["dfkd as configured"][1] and float(last[1]) > 0
 
 
+def tiny_bench(*options: str) -> list[str]:
+    """`dfkd bench` on the demo shrunk to seconds: one timed iteration, one repeat."""
+    tiny = ["teacher.epochs=1", "generator.width=4", "train.batch_size=16"]
+    return ["bench", "--iterations", "1", "--repeats", "1", *options, *tiny]
+
+
 def test_bench_prints_rates_phases_and_the_speedup_last(capsys):
-    argv = [
-        "bench",
-        "--iterations",
-        "1",
-        "--repeats",
-        "1",
-        "--no-variants",
-        "teacher.epochs=1",
-        "generator.width=4",
-        "train.batch_size=16",
-    ]
-    assert main(argv) == 0
+    assert main(tiny_bench("--no-variants")) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"speedup: \d+\.\d\d", out[-1])
     rows = rate_table(out)
@@ -257,19 +252,7 @@ def time_to_accuracy_table(lines) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_bench_every_fast_path_and_time_to_accuracy(capsys):
-    argv = [
-        "bench",
-        "--iterations",
-        "1",
-        "--repeats",
-        "1",
-        "--time-to-accuracy",
-        "3",
-        "teacher.epochs=1",
-        "generator.width=4",
-        "train.batch_size=16",
-    ]
-    assert main(argv) == 0
+    assert main(tiny_bench("--time-to-accuracy", "3")) == 0
     text = capsys.readouterr().out
     for row in (
         "dfkd + fused_optimizers",
