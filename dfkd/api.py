@@ -26,7 +26,7 @@ class DistillResult:
     summary: dict | None  # summary.json; None when paused by stop_at
     run_dir: Path
     spec: InputSpec  # what the student takes: channels, size, classes, normalization
-    config: ExperimentConfig
+    config: ExperimentConfig  # as run: with the recipe's adaptations to the teacher (dfkd.recipe)
 
 
 def distill(
@@ -100,7 +100,7 @@ def distill(
     if student_module is not None and deployed is not student_module:
         student_module.load_state_dict(deployed.state_dict())  # the caller's module holds the result
         deployed = student_module
-    return DistillResult(deployed.eval(), summary, run_dir, parts.spec, cfg)
+    return DistillResult(deployed.eval(), summary, run_dir, parts.spec, run.cfg)
 
 
 def _config(config, overrides, implied_no_dataset: bool) -> ExperimentConfig:

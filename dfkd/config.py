@@ -86,6 +86,9 @@ class GeneratorConfig:
     # BatchNorm: zero mean and unit variance per batch, values beyond black and white allowed).
     # pixels lifted the demo from 0.961 to 0.979 and Fashion-MNIST by 2 to 5 points (runs/RESULTS.md).
     output: str = "pixels"
+    # Class-conditional latents (dfkd.latents): the first num_classes coordinates carry a one-hot
+    # code of a drawn class, which the `target` prior asks the teacher to see.
+    conditional: bool = False
 
 
 @dataclass
@@ -117,6 +120,10 @@ class MethodConfig:
     # Generator priors (dfkd.losses.PRIORS) and their weights, added to the generator's loss to keep
     # its samples where the teacher is confident and spread over all classes.
     priors: dict[str, float] = field(default_factory=dict)
+    # With no priors and a plain generator given: fit the recipe to the teachers (dfkd.recipe; a
+    # BatchNorm teacher gets a conditional generator with the target and bn_kl priors). The run
+    # prints what it changed; false plays the game exactly as configured.
+    adapt_to_teacher: bool = True
     activation_layer: str | None = None  # the teacher layer the `activation` prior reads
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw
     # their batches from this memory (it always holds the newest batch). 0 disables it.

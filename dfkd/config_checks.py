@@ -87,6 +87,11 @@ def check(cfg: ExperimentConfig) -> None:
         raise DfkdError(
             f"discriminator.layers must be [student_layer, teacher_layer], got {cfg.discriminator.layers}"
         )
+    if "target" in cfg.method.priors and not cfg.generator.conditional:
+        raise DfkdError(
+            "method.priors.target asks the teacher for the class each latent codes for, but "
+            "generator.conditional is false; set generator.conditional=true"
+        )
     for i, pair in enumerate(cfg.method.features):
         if len(pair) != 2:
             raise DfkdError(f"method.features[{i}] must be a pair [student_layer, teacher_layer], got {pair}")

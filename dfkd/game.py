@@ -19,6 +19,7 @@ from dfkd import distributed
 from dfkd.batches import StudentBatches
 from dfkd.config import ExperimentConfig, OptimizerConfig
 from dfkd.features import capture
+from dfkd.latents import LatentSpace
 from dfkd.methods import Setting, build_method
 from dfkd.optim import WeightAverage, build_optimizer, build_schedule
 from dfkd.perf import PhaseTimer, autocast, speed_up
@@ -82,6 +83,10 @@ class StudentSide(nn.Module):
         return self.student(x)
 
 
+def latents_for(cfg: ExperimentConfig, spec: InputSpec) -> LatentSpace:
+    return LatentSpace(cfg.generator.latent_dim, spec.num_classes if cfg.generator.conditional else 0)
+
+
 def generator_for(cfg: ExperimentConfig, spec: InputSpec) -> nn.Module:
     g = cfg.generator
     return build_generator(
@@ -107,6 +112,7 @@ class Game:
         # The teacher this iteration plays against, and the pool member the feature term reads.
         self.teacher, self.feature_teacher = pool.models[0], next(iter(pool.strategy.feature_sources), None)
         self.student = student
+        self.latents = latents_for(cfg, spec)
         self.generator = generator_for(cfg, spec).to(device)
         self.student_average = (
             WeightAverage(student, cfg.train.student_ema) if cfg.train.student_ema > 0 else None
@@ -197,9 +203,7 @@ class Game:
 
     # ---- the steps ------------------------------------------------------------------------
     def sample_latent(self, n: int | None = None) -> torch.Tensor:
-        z = torch.randn(
-            n or self.cfg.train.batch_size, self.cfg.generator.latent_dim, generator=self.latent_rng
-        )
+        z = self.latents.draw(n or self.cfg.train.batch_size, self.latent_rng)
         return z.to(self.device, non_blocking=True)
 
     @torch.no_grad()
@@ -216,9 +220,12 @@ class Game:
         """One ascent step; also returns its batch, detached, with the teacher's logits for reuse."""
         phase = self.phases
         with self.autocast():
+            z = self.sample_latent()
             with phase("generator forward"):
-                x = self.generator_player.forward(self.sample_latent())
+                x = self.generator_player.forward(z)
             teacher_logits, taps = self.method.teacher_forward(self.teacher, x, phase)
+            if self.latents.conditional:
+                taps["targets"] = self.latents.targets(z)
             with phase("student forward"):
                 student_logits = self.student(x)
             with phase("losses"):

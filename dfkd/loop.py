@@ -23,6 +23,7 @@ from dfkd.errors import DfkdError
 from dfkd.game import Game
 from dfkd.health import CollapseMonitor, first_non_finite
 from dfkd.optim import scale_lr
+from dfkd.recipe import adapt_to_teachers
 from dfkd.report import Report, student_meta
 from dfkd.signals import Interrupted, boundary_signals
 from dfkd.state import load_run_state, run_state
@@ -52,6 +53,7 @@ class Run:
         callback: Callback | None = None,
     ):
         self.main = distributed.is_main()
+        cfg, self.adaptations = adapt_to_teachers(cfg, parts.pool.models)
         self.cfg, self.run_dir, self.progress, self.callback = (
             cfg,
             Path(run_dir),
@@ -67,7 +69,7 @@ class Run:
             parts.pool,
             parts.evaluation,
             parts.device,
-            cfg.generator.latent_dim,
+            self.game.latents,
             t.seed,
             cfg.eval.synthetic_holdout,
             cfg.eval.min_teacher_margin,
@@ -108,6 +110,8 @@ class Run:
             remove_stale_temp_files(self.checkpoint_path)
         self._record_resume_changes(tracker)
         if self.iterations_done == 0:
+            for note in self.adaptations if self.main else []:
+                tqdm.write(f"dfkd: recipe: {note}", file=sys.stderr)
             teacher = self.report.teacher_metrics()
             if teacher:
                 tracker.log(teacher, step=0)
@@ -317,6 +321,7 @@ class Run:
         summary = report.summary(
             acc, self.iterations_done, self.wall_s, game.images_per_iteration, archs, parts.teacher_files
         )
+        summary["adaptations"] = self.adaptations
         if not self.main:
             return summary
         kwargs = self.cfg.student.kwargs if parts.student_arch == self.cfg.student.arch else {}

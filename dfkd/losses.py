@@ -17,9 +17,17 @@ LOSSES: Registry = Registry("loss")
 # Generator priors: `(teacher_logits, **taps) -> scalar` to minimize, weighted in method.priors.
 # Taps are what the method reads from inside the teacher, only for the priors that need them
 # (PRIOR_TAPS): `bn_inputs`, (input, running_mean, running_var) per BatchNorm layer;
-# `activation`, the output of the layer method.activation_layer; `images`, the synthetic batch.
+# `activation`, the output of the layer method.activation_layer; `images`, the synthetic batch;
+# `targets`, the classes a conditional generator's latents code for (dfkd.latents).
 PRIORS: Registry = Registry("generator prior")
-PRIOR_TAPS = {"bn": "bn_inputs", "activation": "activation", "tv": "images"}
+PRIOR_TAPS = {
+    "bn": "bn_inputs",
+    "bn_kl": "bn_inputs",
+    "activation": "activation",
+    "tv": "images",
+    "input_kl": "images",
+    "target": "targets",
+}
 
 
 @LOSSES.register("l1")
@@ -58,6 +66,14 @@ def onehot(teacher: torch.Tensor, **taps) -> torch.Tensor:
     return F.cross_entropy(teacher, teacher.argmax(1))
 
 
+@PRIORS.register("target")
+def target(teacher: torch.Tensor, targets: torch.Tensor | None = None, **taps) -> torch.Tensor:
+    """Cross-entropy of the teacher to the class each latent codes for (generator.conditional), as
+    DeepInversion, CMI and Fast-DFKD ask of their synthetic images: every class gets samples, and a
+    generator cannot settle on the one class where the student is most wrong."""
+    return F.cross_entropy(teacher, targets)
+
+
 @PRIORS.register("balance")
 def balance(teacher: torch.Tensor, **taps) -> torch.Tensor:
     """Negative entropy of the batch-mean prediction (DAFL's information entropy), offset so that a
@@ -77,6 +93,37 @@ def bn_statistics(teacher: torch.Tensor, bn_inputs=(), **taps) -> torch.Tensor:
         total = total + torch.linalg.vector_norm(x.mean(dims) - running_mean)
         total = total + torch.linalg.vector_norm(x.var(dims, unbiased=False) - running_var)
     return total
+
+
+def _gaussian_kl(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """Per channel (dim 1), KL(N(batch mean, batch var) ‖ N(running_mean, running_var))."""
+    dims = [0, *range(2, x.dim())]
+    var = x.float().var(dims, unbiased=False) + 1e-5
+    ref = running_var.float() + 1e-5
+    mean_gap = (x.float().mean(dims) - running_mean.float()).pow(2)
+    return 0.5 * ((var + mean_gap) / ref - 1 + (ref / var).log())
+
+
+@PRIORS.register("bn_kl")
+def bn_kl(teacher: torch.Tensor, bn_inputs=(), **taps) -> torch.Tensor:
+    """The `bn` prior at one scale for every teacher: per channel, the KL divergence from the
+    Gaussian of the layer's running statistics to that of the synthetic batch, averaged over the
+    channels of a layer and then over layers. Unitless, so one weight fits LeNet-5-BN and a
+    ResNet alike, where `bn`'s sum of L2 distances grows with depth, width and activation scale."""
+    per_layer = [
+        _gaussian_kl(x, running_mean, running_var).mean() for x, running_mean, running_var in bn_inputs
+    ]
+    return torch.stack(per_layer).mean() if per_layer else teacher.new_zeros(())
+
+
+@PRIORS.register("input_kl")
+def input_kl(teacher: torch.Tensor, images: torch.Tensor | None = None, **taps) -> torch.Tensor:
+    """The images' own statistics against the input normalization: per channel, the Gaussian KL
+    from N(0, 1) (what normalized real images average to, by the definition of input.mean and
+    input.std) to the batch's mean and variance, averaged over channels: the brightness and
+    contrast of real images, known without any of them."""
+    zeros = images.new_zeros(images.shape[1])
+    return _gaussian_kl(images, zeros, zeros + 1).mean()
 
 
 @PRIORS.register("activation")

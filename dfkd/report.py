@@ -19,6 +19,7 @@ from torchvision.utils import save_image
 from dfkd.data import Split
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, agreement, predictions
+from dfkd.latents import LatentSpace
 from dfkd.pool import TeacherPool
 from dfkd.spec import InputSpec
 from dfkd.teachers import save_classifier
@@ -42,7 +43,7 @@ class Report:
         pool: TeacherPool,
         evaluation: EvalSet,
         device: torch.device,
-        latent_dim: int,
+        latents: LatentSpace,
         seed: int,
         synthetic_holdout: int,
         min_teacher_margin: float = 0.0,
@@ -55,14 +56,12 @@ class Report:
             device,
         )
         # One fixed latent batch makes sample grids comparable over time.
-        self.fixed_z = torch.randn(
-            N_FIXED_SAMPLES, latent_dim, generator=torch.Generator().manual_seed(seed + 1)
-        )
+        self.fixed_z = latents.draw(N_FIXED_SAMPLES, torch.Generator().manual_seed(seed + 1))
         self.best_acc = 0.0
         split = evaluation.split
         if split is None:
             rng = torch.Generator().manual_seed(seed + 3)
-            self.holdout_z = torch.randn(synthetic_holdout, latent_dim, generator=rng)
+            self.holdout_z = latents.draw(synthetic_holdout, rng)
             self.teacher_preds, self.teacher_accs, self.teacher_acc = [], [], None
         else:
             self.teacher_preds = [predictions(t, split, device) for t in pool.models]

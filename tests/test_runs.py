@@ -172,3 +172,40 @@ def test_teacher_pool_keeps_its_measured_level(tmp_path):
     print(json.dumps(summary))
     assert len(summary["teacher_accs"]) == 3 and summary["teacher_acc"] == max(summary["teacher_accs"])
     assert summary["student_acc"] / summary["teacher_acc"] >= POOL_MIN_RATIO
+
+
+@pytest.fixture
+def teacher_families(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "runs"))
+    import teacher_families
+
+    return teacher_families
+
+
+def test_teacher_families_reads_finished_runs_back_and_prints_each_row(
+    tmp_path, capsys, teacher_families, monkeypatch
+):
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    names = [teacher_families.stem("mnist5k", t) for _, t, _ in teacher_families.FAMILIES["mnist5k"]]
+    assert "mnist5k_SmallCNN" in names and "mnist5k_torchvision_resnet18" in names
+    write_finished_preset_runs(tmp_path, [(None, name) for name in names])
+    argv = ["--datasets", "mnist5k", "--budget", "60", "--out", str(tmp_path)]
+    assert teacher_families.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| resnet8 →")]
+    expected = (
+        "| resnet8 → lenet5_half | 97.00 | 93.00 (92.00–94.00) | 0.959 | 300 | 60 s | "
+        "`dfkd run runs/mnist5k_demo.yaml name=mnist5k_resnet8 teacher.arch=resnet8 "
+        "student.arch=lenet5_half tracking.mode=disabled train.eval_every=75 --iterations=300 --seed=S` |"
+    )
+    assert rows[0] == expected and len(rows) == 2
+
+
+def test_teacher_families_distils_the_users_own_cnn_file(tmp_path, teacher_families, capsys):
+    """The home-made teacher row end to end: imported by path, trained, distilled, tabled."""
+    small = ["teacher.epochs=1", "train.batch_size=16", "train.log_every=5", "train.sample_every=50"]
+    argv = ["--datasets", "mnist5k", "--families", "user BN CNN", "--budget", "3", "--seeds", "0"]
+    assert teacher_families.main([*argv, "--out", str(tmp_path), *small]) == 0
+    (line,) = {x for x in capsys.readouterr().out.splitlines() if x.startswith("| user BN CNN")}
+    assert "user_cnn.py:SmallCNN" in line
+    summary = json.loads((tmp_path / "mnist5k_SmallCNN_s0" / "summary.json").read_text())
+    assert summary["teacher_acc"] > 50 and summary["iterations"] >= 1
