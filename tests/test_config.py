@@ -44,7 +44,7 @@ DEFAULTS = {
     "teachers": [],
     "pool": {"strategy": "random", "weights": [], "response_teacher": 0, "feature_teacher": 1},
     "student": {"arch": "lenet5_half", "kwargs": {}},
-    "generator": {"name": "dfad", "latent_dim": 100, "width": 16, "output": "pixels"},
+    "generator": {"name": "dfad", "latent_dim": 100, "width": 16, "output": "pixels", "conditional": False},
     "method": {
         "name": "adversarial",
         "loss": "kl",
@@ -54,6 +54,7 @@ DEFAULTS = {
         "n_generator_steps": 1,
         "reuse_samples": True,
         "priors": {},
+        "adapt_to_teacher": True,
         "activation_layer": None,
         "replay_size": 0,
         "student_shift": 0,
