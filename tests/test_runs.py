@@ -80,15 +80,16 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-# A ResNet-8 teacher with the default recipe, 400 iterations (runs/RESULTS.md, "Teacher families"):
-# the plain game read 0.174 of the teacher, the recipe's adaptation to BatchNorm (bn_kl) 0.392. The
-# guard sits between: it fails when the adaptation is lost or stops helping.
-RESNET8_MIN_RATIO = 0.30
+# A ResNet-8 teacher with the default recipe (runs/RESULTS.md, "Teacher families"): the plain game
+# read 0.174 and 0.225 of the teacher at 400 iterations; the recipe's adaptation to BatchNorm
+# (bn_kl) 0.392 at 400 (one thread) and 0.308 (two threads), 0.438 and 0.621 over two seeds at 612.
+# 600 iterations, the guard under the lower seed: it fails when the adaptation is lost.
+RESNET8_MIN_RATIO = 0.35
 
 
 @pytest.mark.slow
 def test_a_resnet8_teacher_gets_the_batchnorm_recipe_and_distils_beyond_the_plain_game(tmp_path):
-    summary = run_cli(tmp_path, "run", "mnist5k_demo", "teacher.arch=resnet8", "--iterations", "400")
+    summary = run_cli(tmp_path, "run", "mnist5k_demo", "teacher.arch=resnet8", "--iterations", "600")
     print(json.dumps(summary))
     assert summary["adaptations"] and "bn_kl" in summary["adaptations"][0]
     assert summary["teacher_acc"] > 95
