@@ -127,3 +127,8 @@ def test_input_kl_reaches_the_generator(tiny, tmp_path, run_of):
     assert losses["loss"] == losses["prior_input_kl"] > 0
     assert all(p.grad is not None for n, p in game.generator.named_parameters() if n.endswith("weight"))
     assert all(p.grad is None for p in game.student.parameters())
+
+
+def test_bn_kl_without_a_batchnorm_teacher_names_itself(tiny, tmp_path, run_of):
+    with pytest.raises(DfkdError, match=r"method.priors.bn_kl matches .* drop the bn_kl prior"):
+        run_of(tiny(method={"priors": {"bn_kl": 1.0}}), tmp_path)

@@ -43,9 +43,10 @@ class Adversarial(Method):
     def check_prior_taps(self, setting: Setting) -> None:
         archs = ", ".join(setting.teacher_archs)
         if "bn_inputs" in self.taps and not any(batchnorm_layers(m) for m in setting.teachers):
+            name = next(n for n in self.priors if PRIOR_TAPS.get(n) == "bn_inputs")
             raise DfkdError(
-                f"method.priors.bn matches the teacher's BatchNorm statistics, but no teacher has "
-                f"BatchNorm layers ({archs}); drop the bn prior or use a teacher with BatchNorm"
+                f"method.priors.{name} matches the teacher's BatchNorm statistics, but no teacher has "
+                f"BatchNorm layers ({archs}); drop the {name} prior or use a teacher with BatchNorm"
             )
         if "activation" in self.taps:
             layer = self.cfg.activation_layer
