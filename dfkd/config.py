@@ -121,8 +121,8 @@ class MethodConfig:
     # its samples where the teacher is confident and spread over all classes.
     priors: dict[str, float] = field(default_factory=dict)
     # With no priors and a plain generator given: fit the recipe to the teachers (dfkd.recipe; a
-    # BatchNorm teacher gets a conditional generator with the target and bn_kl priors). The run
-    # prints what it changed; false plays the game exactly as configured.
+    # BatchNorm teacher gets the bn_kl prior). The run prints what it changed; false plays the game
+    # exactly as configured.
     adapt_to_teacher: bool = True
     activation_layer: str | None = None  # the teacher layer the `activation` prior reads
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw

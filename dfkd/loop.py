@@ -110,8 +110,9 @@ class Run:
             remove_stale_temp_files(self.checkpoint_path)
         self._record_resume_changes(tracker)
         if self.iterations_done == 0:
-            for note in self.adaptations if self.main else []:
-                tqdm.write(f"dfkd: recipe: {note}", file=sys.stderr)
+            if self.main:
+                for note in self.adaptations:
+                    tqdm.write(f"dfkd: recipe: {note}", file=sys.stderr)
             teacher = self.report.teacher_metrics()
             if teacher:
                 tracker.log(teacher, step=0)

@@ -97,10 +97,10 @@ def bn_statistics(teacher: torch.Tensor, bn_inputs=(), **taps) -> torch.Tensor:
 
 def _gaussian_kl(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
     """Per channel (dim 1), KL(N(batch mean, batch var) ‖ N(running_mean, running_var))."""
-    dims = [0, *range(2, x.dim())]
-    var = x.float().var(dims, unbiased=False) + 1e-5
+    x, dims = x.float(), [0, *range(2, x.dim())]
+    var = x.var(dims, unbiased=False) + 1e-5
     ref = running_var.float() + 1e-5
-    mean_gap = (x.float().mean(dims) - running_mean.float()).pow(2)
+    mean_gap = (x.mean(dims) - running_mean.float()).pow(2)
     return 0.5 * ((var + mean_gap) / ref - 1 + (ref / var).log())
 
 

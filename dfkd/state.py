@@ -109,7 +109,7 @@ def load_run_state(run: Run, path: Path) -> int:
             f"--resume: {str(path)!r} is not a dfkd run checkpoint (it holds {held}); "
             "start the run afresh with --overwrite"
         )
-    changes = check_resumable(state.get("config", {}), run.cfg, path)
+    changes = check_resumable(state["config"], run.cfg, path)
     game = run.game
     for name, net in game.networks.items():
         load_weights(net, state[name], f"{name} in {path}")

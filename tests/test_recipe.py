@@ -57,3 +57,11 @@ def test_a_run_prints_records_and_writes_its_adaptation(tiny, tmp_path, run_of, 
     written = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert written["method"]["priors"] == BATCHNORM_PRIORS
     assert "train/prior_bn_kl" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+
+
+def test_an_adapted_run_resumes_under_the_same_adaptation(tiny, tmp_path, run_of):
+    cfg = tiny(teacher={"arch": "resnet8"})
+    assert run_of(cfg, tmp_path).fit(stop_at=2) is None  # paused, with a checkpoint of the adapted config
+    resumed = run_of(cfg, tmp_path)
+    resumed.resume()
+    assert resumed.iterations_done == 2 and resumed.fit()["adaptations"] == resumed.adaptations
