@@ -211,7 +211,7 @@ def time_to_accuracy(
     return progress
 
 
-def _run(cfg: ExperimentConfig, run_root: str) -> Run:
+def fresh_run(cfg: ExperimentConfig, run_root: str) -> Run:
     return Run(cfg, tempfile.mkdtemp(dir=run_root), assemble(cfg, progress=False), progress=False)
 
 
@@ -221,9 +221,10 @@ def run_bench(
     """Print the comparison; return the speedup of dfkd, as `cfg` configures it, over the plain loop."""
     plain_cfg = plain_config(cfg)
     with tempfile.TemporaryDirectory(prefix="dfkd-bench-") as root:
-        configured = _run(plain_cfg, root)
+        configured = fresh_run(plain_cfg, root)
+        chosen = configured.cfg.perf  # unset perf settings chosen for the device
         base_cfg = with_settings(plain_cfg, NO_FAST_PATHS)
-        baseline = _run(base_cfg, root) if base_cfg.perf != plain_cfg.perf else configured
+        baseline = fresh_run(base_cfg, root) if base_cfg.perf != chosen else configured
         plain = PlainLoop(plain_cfg, baseline.game.teacher, baseline.parts.spec, configured.device)
         m, t = plain_cfg.method, plain_cfg.train
         out(
@@ -233,8 +234,11 @@ def run_bench(
             f"generator step, loss {m.loss}, {configured.device} ({torch.get_num_threads()} threads), "
             f"torch {torch.__version__}"
         )
-        perf = ", ".join(f"{k}={v}" for k, v in vars(plain_cfg.perf).items())
-        out(f"dfkd as configured: perf {perf}")
+        perf = ", ".join(f"{k}={v}" for k, v in vars(chosen).items())
+        out(
+            f"dfkd as configured: perf {perf}"
+            + (f" ({configured.perf_choice})" if configured.perf_choice else "")
+        )
         out(f"timing {iterations} iterations x {repeats} repeats in turns; student images/s (median)\n")
         contenders: dict[str, Callable[[], None]] = {"plain loop (reference)": plain.iteration}
         if baseline is not configured:
@@ -242,10 +246,10 @@ def run_bench(
         if variants:
             for name, settings in FAST_PATHS.items():
                 variant_cfg = with_settings(base_cfg, settings)
-                if variant_cfg.perf == plain_cfg.perf:
+                if variant_cfg.perf == chosen:
                     continue
-                contenders[f"dfkd + {name}"] = _run(variant_cfg, root).step
-            reuse = _run(with_settings(plain_cfg, {"method.reuse_samples": True}), root)
+                contenders[f"dfkd + {name}"] = fresh_run(variant_cfg, root).step
+            reuse = fresh_run(with_settings(plain_cfg, {"method.reuse_samples": True}), root)
             contenders["dfkd + sample reuse (not the same algorithm)"] = reuse.step
         contenders["dfkd as configured"] = configured.step
         images = configured.game.images_per_iteration
@@ -316,7 +320,7 @@ def _report_time_to_accuracy(cfg, plain_cfg, baseline: Run, root: str, budget_s:
     )
     teacher_acc, test, device = baseline.report.teacher_acc, baseline.parts.evaluation.split, baseline.device
     plain = PlainLoop(plain_cfg, baseline.game.teacher, baseline.parts.spec, device)
-    reference, recipe = _run(reference_recipe(cfg), root), _run(cfg, root)
+    reference, recipe = fresh_run(reference_recipe(cfg), root), fresh_run(cfg, root)
     contenders = {
         "plain loop (reference)": (plain.iteration, lambda: accuracy(plain.student, test, device)),
         f"DFAD as published ({REFERENCE_RECIPE})": (

@@ -207,19 +207,21 @@ class TrainConfig:
 @dataclass
 class PerfConfig:
     """Fast paths: how the same algorithm is executed. None changes what is computed beyond float
-    rounding (bf16 aside), so a run may be resumed with other settings. `dfkd bench` measures each."""
+    rounding (bf16 aside), so a run may be resumed with other settings. A setting left unset (null)
+    is chosen for the device at the start of the run (dfkd.perf.choose_perf; runs/RESULTS.md,
+    "Fast defaults", has the measurements behind each choice); `dfkd bench` times each."""
 
     # NHWC memory layout for every network and synthetic batch: oneDNN (CPU) and cuDNN convolutions
-    # run faster on it (the DFAD generator's forward 1.9x on the project's 2-core CPU). Off by
-    # default: the default recipe reuses samples and gained 3 % from it, while the changed rounding
-    # moved its final ratio from 0.961 to 0.948 (runs/RESULTS.md, "Speed").
-    channels_last: bool = False
-    # torch.compile the networks (opt-in: compiling takes tens of seconds before the first step).
-    compile: bool = False
-    # none | bf16: bfloat16 autocast of the forward passes (losses stay float32). Fast on GPUs and on
-    # CPUs with AMX (the generator's forward 3.5x on this project's CPU); it changes the rounding.
-    autocast: str = "none"
-    fused_optimizers: bool = False  # Adam/SGD's fused kernels (one kernel per step for all parameters)
+    # run faster on it. Unset: on.
+    channels_last: bool | None = None
+    # torch.compile the networks. Unset: off (compiling takes tens of seconds before the first step).
+    compile: bool | None = None
+    # none | bf16: bfloat16 autocast of the forward passes (losses stay float32; it changes the
+    # rounding). Unset: bf16 where the device has fast bfloat16 (AMX or AVX512-BF16 on a CPU, a GPU
+    # that supports it), else none.
+    autocast: str | None = None
+    # Adam/SGD's fused kernels (one kernel per step for all parameters). Unset: on.
+    fused_optimizers: bool | None = None
 
 
 @dataclass

@@ -66,7 +66,7 @@ def check(cfg: ExperimentConfig) -> None:
             raise DfkdError(f"{key} must be in {interval}, got {value}")
     choices = {
         "train.device": (cfg.train.device, ("cpu", "cuda", "auto")),
-        "perf.autocast": (cfg.perf.autocast, ("none", "bf16")),
+        "perf.autocast": ("none" if cfg.perf.autocast is None else cfg.perf.autocast, ("none", "bf16")),
         "generator.output": (cfg.generator.output, GENERATOR_OUTPUTS),
         "tracking.mode": (cfg.tracking.mode, ("online", "offline", "disabled")),
         "train.collapse_action": (cfg.train.collapse_action, ("reinit", "warn")),

@@ -4,6 +4,7 @@ its own synthetic batches; rank 0 alone writes files and W&B."""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import time
@@ -23,6 +24,7 @@ from dfkd.errors import DfkdError
 from dfkd.game import Game
 from dfkd.health import CollapseMonitor, first_non_finite
 from dfkd.optim import scale_lr
+from dfkd.perf import choose_perf, probe
 from dfkd.recipe import adapt_to_teachers
 from dfkd.report import Report, student_meta
 from dfkd.signals import Interrupted, boundary_signals
@@ -54,6 +56,8 @@ class Run:
     ):
         self.main = distributed.is_main()
         cfg, self.adaptations = adapt_to_teachers(cfg, parts.pool.models)
+        perf, self.perf_choice = choose_perf(cfg.perf, probe(parts.device))
+        cfg = dataclasses.replace(cfg, perf=perf)
         self.cfg, self.run_dir, self.progress, self.callback = (
             cfg,
             Path(run_dir),
@@ -109,6 +113,8 @@ class Run:
         if self.main:
             remove_stale_temp_files(self.checkpoint_path)
         self._record_resume_changes(tracker)
+        if self.main and self.perf_choice and (self.iterations_done == 0 or self.resumed):
+            tqdm.write(f"dfkd: perf: {self.perf_choice}", file=sys.stderr)
         if self.iterations_done == 0:
             if self.main:
                 for note in self.adaptations:
@@ -323,6 +329,7 @@ class Run:
             acc, self.iterations_done, self.wall_s, game.images_per_iteration, archs, parts.teacher_files
         )
         summary["adaptations"] = self.adaptations
+        summary["perf"] = {"settings": dataclasses.asdict(self.cfg.perf), "chosen": self.perf_choice}
         if not self.main:
             return summary
         kwargs = self.cfg.student.kwargs if parts.student_arch == self.cfg.student.arch else {}

@@ -89,7 +89,8 @@ def bn_statistics(teacher: torch.Tensor, bn_inputs=(), **taps) -> torch.Tensor:
     over layers: samples whose statistics look like the training data's."""
     total = teacher.new_zeros(())
     for x, running_mean, running_var in bn_inputs:
-        dims = [0, *range(2, x.dim())]
+        # statistics in float32 at least (a bf16 tap's mean loses the digits the prior compares)
+        x, dims = x.to(torch.promote_types(x.dtype, torch.float32)), [0, *range(2, x.dim())]
         total = total + torch.linalg.vector_norm(x.mean(dims) - running_mean)
         total = total + torch.linalg.vector_norm(x.var(dims, unbiased=False) - running_var)
     return total

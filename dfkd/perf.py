@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -12,6 +14,54 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dfkd.config import PerfConfig
 from dfkd.errors import DfkdError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the fast defaults depend on: the kind of device, its name, and the hardware (if any) that
+    makes bfloat16 arithmetic fast on it."""
+
+    kind: str  # cpu | cuda | another torch device type
+    name: str
+    fast_bf16: str | None  # "AMX", "AVX512-BF16", "CUDA"; None: bf16 is emulated or absent
+
+
+def probe(device: torch.device) -> Capabilities:
+    if device.type == "cuda":
+        bf16 = "CUDA" if torch.cuda.is_bf16_supported() else None
+        return Capabilities("cuda", torch.cuda.get_device_name(device), bf16)
+    if device.type == "cpu":
+        amx, avx512 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+        return Capabilities("cpu", "CPU", "AMX" if amx else "AVX512-BF16" if avx512 else None)
+    return Capabilities(device.type, device.type, None)
+
+
+def fast_defaults(caps: Capabilities) -> dict[str, object]:
+    """The perf settings a run gets where its config leaves them unset (measurements in
+    runs/RESULTS.md, "Fast defaults"). channels_last and the fused optimizers on CPUs and GPUs; bf16
+    autocast where the hardware does bf16 natively (without it, bf16 is emulated and slower than
+    float32); compile nowhere, as its warm-up costs more than it saves in runs of this size."""
+    known = caps.kind in ("cpu", "cuda")
+    return {
+        "channels_last": known,
+        "fused_optimizers": known,
+        "autocast": "bf16" if known and caps.fast_bf16 else "none",
+        "compile": False,
+    }
+
+
+def choose_perf(cfg: PerfConfig, caps: Capabilities) -> tuple[PerfConfig, str | None]:
+    """`cfg` with its unset settings chosen for `caps`, and a line that says what was chosen and why
+    (None where the config set everything)."""
+    unset = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is None]
+    if not unset:
+        return cfg, None
+    defaults = fast_defaults(caps)
+    chosen = {name: defaults[name] for name in unset}
+    shown = ", ".join(f"{k}={str(v).lower()}" for k, v in chosen.items())
+    bf16 = f"native bf16 by {caps.fast_bf16}" if caps.fast_bf16 else "no native bf16"
+    note = f"{shown} (chosen for this {caps.name}: {bf16}; perf.* overrides)"
+    return dataclasses.replace(cfg, **chosen), note
 
 
 def check_perf(cfg: PerfConfig, device: torch.device) -> None:

@@ -42,7 +42,7 @@ def test_beta_zero_is_exactly_ce_plus_alpha_kl(tiny, tmp_path, run_of):
     game = run_of(tiny(method={**GANKD, "beta": 0.0}), tmp_path).game
     assert game.method.discriminator is None and "d" not in game.players
     x, t = game.synthesize()
-    with torch.no_grad():
+    with torch.no_grad(), game.autocast():  # the step's forward, at the step's precision
         expected = golden_ce_plus_kl(game.student(x).double(), t.double(), 0.7)
     losses, d_losses = game.student_step(x, t)
     assert d_losses == {} and losses["loss"].item() == pytest.approx(expected, rel=1e-5)

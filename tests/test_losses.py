@@ -136,7 +136,7 @@ def test_bn_prior_alone_reaches_the_generator_through_a_batchnorm_teacher(tiny, 
     assert losses["prior_bn"] > 0
     # golden value: the teacher's BatchNorm inputs on the step's batch against its running statistics
     layers = batchnorm_layers(game.teacher)
-    with torch.no_grad(), capture(game.teacher, list(layers), inputs=True) as inputs:
+    with torch.no_grad(), game.autocast(), capture(game.teacher, list(layers), inputs=True) as inputs:
         game.teacher(x)
     expected = 0.0
     for path, bn in layers.items():

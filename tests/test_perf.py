@@ -1,6 +1,7 @@
 """Fast paths (config `perf`), the inner loop's freedom from host syncs, and `dfkd bench`."""
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import dfkd
 import discriminators
@@ -17,43 +19,65 @@ import generators
 from dfkd.bench import NO_FAST_PATHS, PlainLoop, plain_config
 from dfkd.checkpoint import load_safe
 from dfkd.cli import main
-from dfkd.config import with_settings
+from dfkd.config import PerfConfig, with_settings
 from dfkd.errors import DfkdError
+from dfkd.perf import Capabilities, choose_perf, probe
 
-SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
+# Tensor methods that copy a value to the host: on a GPU each one waits for the queued kernels.
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 
 
 OWN_CODE = tuple(
     str(Path(package.__file__).parent) + os.sep for package in (dfkd, generators, discriminators)
 )
+FEATURES = {"features": [["features.5", "features.5"]], "feature_weight": 1.0}
+PRIORS = {"onehot": 1.0, "balance": 1.0, "tv": 1.0, "bn": 0.1, "bn_kl": 1.0, "input_kl": 1.0}
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        {},
-        {"name": "gankd"},
-        {"replay_size": 64, "generator_ema": 0.9, "student_shift": 2},
-    ],
-)
-def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(tiny, tmp_path, run_of, monkeypatch, method):
-    """No .item()/.tolist()/bool(tensor) in dfkd's own inner-loop code (torch's optimizers read their
-    CPU step counters, which is no device sync); on CUDA, torch's sync debug mode checks the rest."""
-    run = run_of(tiny(method=method), tmp_path)
-    run.step()  # warm-up
+TWO_TEACHERS = [{"arch": "lenet5", "epochs": 1}, {"arch": "mlp", "epochs": 1, "seed": 1}]
+# What the README says runs without a host sync: each kind of term, pool, augmentation and fast path.
+INNER_LOOPS = {
+    "defaults (perf chosen for this machine)": {},
+    "gankd": {"method": {"name": "gankd"}},
+    "replay, averaged generator, shifts": {
+        "method": {"replay_size": 64, "generator_ema": 0.9, "student_shift": 2}
+    },
+    "mixup, flips, shifts": {"method": {"student_mixup": 0.5, "student_flip": True, "student_shift": 1}},
+    "random pool": {"teachers": TWO_TEACHERS},
+    "mean pool": {"teachers": TWO_TEACHERS, "pool": {"strategy": "mean"}},
+    "every prior": {"teacher": {"arch": "lenet5_bn", "epochs": 1}, "method": {"priors": PRIORS}},
+    "conditional generator, target prior": {
+        "generator": {"conditional": True},
+        "method": {"priors": {"target": 1.0}},
+    },
+    "features": {"method": FEATURES},
+    "gankd with features": {"method": {"name": "gankd", **FEATURES}},
+    "bf16, channels_last, fused": {
+        "perf": {"autocast": "bf16", "channels_last": True, "fused_optimizers": True}
+    },
+    "no fast path": {"perf": {"autocast": "none", "channels_last": False, "fused_optimizers": False}},
+}
+
+
+def host_reads(monkeypatch) -> list[tuple]:
+    """From now on, every SYNCS call made by dfkd's own code, as (method, file, line)."""
     calls = []
 
     def spy(name, original):
-        def converted(self, *args):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(OWN_CODE):
-                calls.append((name, caller))
-            return original(self, *args)
+        def converted(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(OWN_CODE):
+                calls.append((name, caller.co_filename, sys._getframe(1).f_lineno))
+            return original(self, *args, **kwargs)
 
         return converted
 
     for name in SYNCS:
         monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    return calls
+
+
+def three_steps(run) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_sync_debug_mode("error")
     try:
@@ -62,7 +86,34 @@ def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(tiny, tmp_path, ru
     finally:
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("sections", INNER_LOOPS.values(), ids=INNER_LOOPS.keys())
+def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(tiny, tmp_path, run_of, monkeypatch, sections):
+    """No .item()/.tolist()/.cpu()/bool(tensor)/... in dfkd's own inner-loop code (torch's optimizers
+    read their CPU step counters, which is no device sync); on CUDA, torch's sync debug mode checks
+    the rest."""
+    run = run_of(tiny(**sections), tmp_path)
+    run.step()  # warm-up
+    calls = host_reads(monkeypatch)
+    three_steps(run)
     assert calls == []
+
+
+def test_the_host_read_spy_catches_a_teacher_draw_read_back(tiny, tmp_path, run_of, monkeypatch):
+    from dfkd.pool import Choice, RandomTeacher
+
+    def drawn_on_the_device(self, step, rng):  # what a pool once did: a tensor draw, read back
+        i = int(torch.randint(self.n, ()))
+        return Choice({i: 1.0}, i)
+
+    run = run_of(tiny(teachers=TWO_TEACHERS), tmp_path)
+    run.step()
+    calls = host_reads(monkeypatch)
+    drawn_on_the_device.__code__ = drawn_on_the_device.__code__.replace(co_filename=dfkd.pool.__file__)
+    monkeypatch.setattr(RandomTeacher, "choose", drawn_on_the_device)
+    three_steps(run)
+    assert [name for name, *_ in calls] == ["__int__"] * 3, calls
 
 
 def test_bf16_autocast_runs_the_forward_passes_in_bf16_and_the_losses_in_float32(tiny, tmp_path, run_of):
@@ -77,8 +128,12 @@ def test_bf16_autocast_runs_the_forward_passes_in_bf16_and_the_losses_in_float32
 
 
 def test_fast_paths_are_applied_and_compute_the_same_first_step(tiny, tmp_path, run_of):
-    fast = run_of(tiny(perf={"channels_last": True, "fused_optimizers": True}), tmp_path / "fast")
-    slow = run_of(tiny(perf={"channels_last": False}), tmp_path / "slow")
+    slow = run_of(
+        tiny(perf={"channels_last": False, "fused_optimizers": False, "autocast": "none"}), tmp_path / "slow"
+    )
+    fast = run_of(
+        tiny(perf={"channels_last": True, "fused_optimizers": True, "autocast": "none"}), tmp_path / "fast"
+    )
     players = fast.game.players
     assert players["s"].optimizer.defaults["fused"] and players["g"].optimizer.defaults["fused"]
     conv = fast.game.generator.block1[0].weight
@@ -90,10 +145,13 @@ def test_fast_paths_are_applied_and_compute_the_same_first_step(tiny, tmp_path, 
 
 
 def test_a_run_resumes_with_other_fast_paths(tiny, tmp_path, run_of):
-    full = run_of(tiny(perf={"channels_last": True}), tmp_path / "full")
+    # float32 both: bf16 would round the two apart at once
+    laid_out = {"channels_last": True, "fused_optimizers": False, "autocast": "none"}
+    full = run_of(tiny(perf=laid_out), tmp_path / "full")
     full.fit()
-    run_of(tiny(perf={"channels_last": True}), tmp_path / "split").fit(stop_at=2)
-    resumed = run_of(tiny(perf={"channels_last": False, "fused_optimizers": True}), tmp_path / "split")
+    run_of(tiny(perf=laid_out), tmp_path / "split").fit(stop_at=2)
+    other = {"channels_last": False, "fused_optimizers": True, "autocast": "none"}
+    resumed = run_of(tiny(perf=other), tmp_path / "split")
     resumed.resume(tmp_path / "split" / "checkpoints" / "last.pt")
     # the saved state, bit for bit, in networks laid out and optimized differently
     saved = load_safe(resumed.checkpoint_path)
@@ -190,8 +248,9 @@ def test_bench_prints_rates_phases_and_the_speedup_last(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"speedup: \d+\.\d\d", out[-1])
     rows = rate_table(out)
-    assert set(rows) == {"plain loop (reference)", "dfkd as configured"}
+    assert set(rows) == {"plain loop (reference)", "dfkd, no fast paths", "dfkd as configured"}
     check_speedup_line(out, rows)
+    assert "(chosen for this CPU" in out[1]  # the fast paths the default config left to the device
     text = "\n".join(out)
     for row in (
         "plain loop (reference)",
@@ -290,9 +349,88 @@ def test_the_gpu_check_script_runs_on_the_cpu(tmp_path):
         "1",
         "--repeats",
         "1",
-        "--no-variants",
+        "--no-compile",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "resnet34 -> resnet18" in done.stdout
-    assert re.fullmatch(r"speedup: \d+\.\d\d", done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    assert "resnet34 -> resnet18" in lines[0]
+    row = re.compile(r"(?P<name>\S.*?) +(\d+) +(\d+\.\d\d) +(\d+\.\d) +(-|\d+) +(\d+\.\d\d) +(\d+\.\d)%")
+    rows = {m["name"]: m for m in map(row.fullmatch, lines) if m}
+    assert set(rows) == {
+        "plain loop (reference)",
+        "dfkd, no fast paths",
+        "dfkd + channels_last only",
+        "dfkd + fused_optimizers only",
+        "dfkd default (chosen for this device)",
+    }
+    assert rows["plain loop (reference)"][3] == "1.00" and all(
+        m[5] == "-" for m in rows.values()
+    )  # no GPU memory
+    assert re.fullmatch(r"gpu_check: \d+ s in all", lines[-1])
+
+
+CPU_AMX = Capabilities("cpu", "CPU", "AMX")
+CPU_AVX512_BF16 = Capabilities("cpu", "CPU", "AVX512-BF16")
+CPU_PLAIN = Capabilities("cpu", "CPU", None)
+GPU_BF16 = Capabilities("cuda", "NVIDIA H200", "CUDA")
+GPU_NO_BF16 = Capabilities("cuda", "Tesla V100", None)
+
+
+@pytest.mark.parametrize(
+    "caps, autocast",
+    [
+        (CPU_AMX, "bf16"),
+        (CPU_AVX512_BF16, "bf16"),
+        (CPU_PLAIN, "none"),
+        (GPU_BF16, "bf16"),
+        (GPU_NO_BF16, "none"),
+    ],
+)
+def test_unset_fast_paths_are_chosen_for_the_device(caps, autocast):
+    chosen, note = choose_perf(PerfConfig(), caps)
+    assert chosen == PerfConfig(channels_last=True, compile=False, autocast=autocast, fused_optimizers=True)
+    assert f"autocast={autocast}" in note and caps.name in note and "perf.* overrides" in note
+    assert ("native bf16 by" in note) == (autocast == "bf16")
+
+
+def test_a_fast_path_the_config_sets_is_kept_and_a_fully_set_one_is_not_announced():
+    chosen, note = choose_perf(PerfConfig(autocast="none", channels_last=False), CPU_AMX)
+    assert chosen == PerfConfig(channels_last=False, compile=False, autocast="none", fused_optimizers=True)
+    assert "autocast" not in note and "channels_last" not in note and "fused_optimizers=true" in note
+    given = PerfConfig(channels_last=True, compile=True, autocast="bf16", fused_optimizers=False)
+    assert choose_perf(given, CPU_PLAIN) == (given, None)
+
+
+def test_an_unknown_device_gets_no_fast_path():
+    chosen, _ = choose_perf(PerfConfig(), Capabilities("mps", "mps", None))
+    assert chosen == PerfConfig(channels_last=False, compile=False, autocast="none", fused_optimizers=False)
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, expected", [(True, True, "AMX"), (False, True, "AVX512-BF16"), (False, False, None)]
+)
+def test_the_cpu_probe_reads_the_bf16_units(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert probe(torch.device("cpu")) == Capabilities("cpu", "CPU", expected)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_cuda_probe_reads_bf16_support(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    assert probe(torch.device("cuda")) == Capabilities("cuda", "Some GPU", "CUDA" if bf16 else None)
+
+
+def test_a_run_announces_its_chosen_fast_paths_and_records_them(tiny, tmp_path, capsys):
+    from dfkd.api import distill
+
+    result = distill(config=tiny(perf={"compile": False}), out=tmp_path / "run", progress=False)
+    chosen, note = choose_perf(PerfConfig(compile=False), probe(torch.device("cpu")))
+    assert f"dfkd: perf: {note}" in capsys.readouterr().err
+    assert result.config.perf == chosen
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["perf"]
+    assert written == dataclasses.asdict(chosen)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["perf"] == {"settings": dataclasses.asdict(chosen), "chosen": note}
