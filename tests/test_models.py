@@ -83,6 +83,18 @@ def test_fast_upsample_equals_nearest_interpolation():
     assert torch.equal(up, torch.nn.functional.interpolate(x, scale_factor=2))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fast_upsample_backward_equals_nearest_interpolations(layout):
+    from generators.dfad import upsample2x
+
+    x = torch.randn(3, 4, 5, 6, dtype=torch.double).to(memory_format=layout).requires_grad_()
+    g = torch.randn(3, 4, 10, 12, dtype=torch.double)
+    (mine,) = torch.autograd.grad(upsample2x(x), x, g)
+    (theirs,) = torch.autograd.grad(torch.nn.functional.interpolate(x, scale_factor=2), x, g)
+    assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(upsample2x, (x,)) and torch.autograd.gradgradcheck(upsample2x, (x,))
+
+
 @pytest.mark.parametrize("name", ["dfad", "dcgan"])
 def test_channels_last_generator_computes_the_same_images(name):
     import copy
