@@ -235,10 +235,9 @@ def run_bench(
             f"torch {torch.__version__}"
         )
         perf = ", ".join(f"{k}={v}" for k, v in vars(chosen).items())
-        out(
-            f"dfkd as configured: perf {perf}"
-            + (f" ({configured.perf_choice})" if configured.perf_choice else "")
-        )
+        out(f"dfkd as configured: perf {perf}")
+        if configured.perf_choice:
+            out(f"  unset in the config, so chosen: {configured.perf_choice}")
         out(f"timing {iterations} iterations x {repeats} repeats in turns; student images/s (median)\n")
         contenders: dict[str, Callable[[], None]] = {"plain loop (reference)": plain.iteration}
         if baseline is not configured:

@@ -31,7 +31,9 @@ def probe(device: torch.device) -> Capabilities:
         bf16 = "CUDA" if torch.cuda.is_bf16_supported() else None
         return Capabilities("cuda", torch.cuda.get_device_name(device), bf16)
     if device.type == "cpu":
-        amx, avx512 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+        # (torch's own probes, private: a torch without them reports no native bf16)
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        avx512 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         return Capabilities("cpu", "CPU", "AMX" if amx else "AVX512-BF16" if avx512 else None)
     return Capabilities(device.type, device.type, None)
 
@@ -40,7 +42,8 @@ def fast_defaults(caps: Capabilities) -> dict[str, object]:
     """The perf settings a run gets where its config leaves them unset (measurements in
     runs/RESULTS.md, "Fast defaults"). channels_last and the fused optimizers on CPUs and GPUs; bf16
     autocast where the hardware does bf16 natively (without it, bf16 is emulated and slower than
-    float32); compile nowhere, as its warm-up costs more than it saves in runs of this size."""
+    float32); compile nowhere: on the CPU it saved nothing on the demo after 38 s of compiling, and
+    on a GPU it is still to be measured (runs/gpu_check.py times it)."""
     known = caps.kind in ("cpu", "cuda")
     return {
         "channels_last": known,

@@ -250,7 +250,7 @@ def test_bench_prints_rates_phases_and_the_speedup_last(capsys):
     rows = rate_table(out)
     assert set(rows) == {"plain loop (reference)", "dfkd, no fast paths", "dfkd as configured"}
     check_speedup_line(out, rows)
-    assert "(chosen for this CPU" in out[1]  # the fast paths the default config left to the device
+    assert "(chosen for this CPU" in out[2]  # the fast paths the default config left to the device
     text = "\n".join(out)
     for row in (
         "plain loop (reference)",
