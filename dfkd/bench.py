@@ -141,13 +141,8 @@ def images_per_s(
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, step in contenders.items():
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(iterations):
-                step()
-            sync(device)
-            seconds[name].append(time.perf_counter() - start)
-    return {name: images * iterations / statistics.median(s) for name, s in seconds.items()}
+            seconds[name].append(seconds_per_iteration(step, iterations, device))
+    return {name: images / statistics.median(s) for name, s in seconds.items()}
 
 
 def phase_flops(run: Run) -> dict[str, float]:
@@ -161,20 +156,25 @@ def phase_flops(run: Run) -> dict[str, float]:
 
 
 def phase_breakdown(run: Run, iterations: int) -> tuple[float, dict[str, float]]:
-    """Seconds per iteration in all, and per phase; what no phase covers is framework overhead."""
+    """Seconds per iteration in all, and per phase; what no phase covers is framework overhead
+    (which so includes the phase timer's own bookkeeping: the figure errs high)."""
     timer = run.game.phases
     timer.reset()
     timer.enabled = True
-    sync(run.device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        run.step()
-    sync(run.device)
-    total = (time.perf_counter() - start) / iterations
+    total = seconds_per_iteration(run.step, iterations, run.device)
     timer.enabled = False
     phases = {name: s / iterations for name, s in timer.totals.items()}
     phases["framework overhead"] = max(total - sum(phases.values()), 0.0)
     return total, phases
+
+
+def seconds_per_iteration(step: Callable[[], None], iterations: int, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / iterations
 
 
 @dataclass
@@ -199,12 +199,7 @@ def time_to_accuracy(
 ) -> Progress:
     progress, trained, it = Progress([], []), 0.0, 0
     while trained < budget_s and it < max_iterations:
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(eval_every):
-            step()
-        sync(device)
-        trained += time.perf_counter() - start
+        trained += seconds_per_iteration(step, eval_every, device) * eval_every
         it += eval_every
         progress.seconds.append(trained)
         progress.ratios.append(evaluate() / teacher_acc)
@@ -259,7 +254,7 @@ def run_bench(
         for name, rate in rates.items():
             out(f"{name:<{width}}{rate:>10.1f}{rate / reference:>10.2f}")
 
-        _report_phases(configured, iterations, out)
+        _report_phases(configured, iterations * repeats, out)
 
         if tta_s > 0:
             _report_time_to_accuracy(cfg, plain_cfg, baseline, root, tta_s, out)
@@ -269,7 +264,8 @@ def run_bench(
 
 
 def _report_phases(run: Run, iterations: int, out) -> None:
-    """Time and achieved FLOP/s per phase, against the machine's measured matmul peak."""
+    """Time (over `iterations` timed iterations) and achieved FLOP/s per phase, against the machine's
+    measured matmul peak."""
     flops = phase_flops(run)
     total, phases = phase_breakdown(run, iterations)
     dtype = torch.bfloat16 if run.cfg.perf.autocast == "bf16" else torch.float32

@@ -220,8 +220,8 @@ class Game:
         """One ascent step; also returns its batch, detached, with the teacher's logits for reuse."""
         phase = self.phases
         with self.autocast():
-            z = self.sample_latent()
             with phase("generator forward"):
+                z = self.sample_latent()
                 x = self.generator_player.forward(z)
             teacher_logits, taps = self.method.teacher_forward(self.teacher, x, phase)
             if self.latents.conditional:

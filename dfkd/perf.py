@@ -86,9 +86,14 @@ def speed_up(model: nn.Module, cfg: PerfConfig) -> nn.Module:
 
 def autocast(cfg: PerfConfig, device: torch.device) -> AbstractContextManager:
     """The context forward passes run in: bf16 autocast when asked (on GPUs, and on CPUs with AMX or
-    AVX512-BF16, where it is fast; elsewhere it runs, slowly), else nothing."""
+    AVX512-BF16, where it is fast; elsewhere it runs, slowly), else nothing.
+
+    Without autocast's weight cache: it keys a weight's bf16 copy by the tensor, not its version,
+    so a forward after an optimizer step in the same region (the discriminator steps of GAN-KD)
+    would run on the weights from before the step; and each region runs each network once, so the
+    cache saves no cast, while clearing it costs each region's exit about 20 us."""
     if cfg.autocast == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return nullcontext()
 
 
@@ -99,32 +104,47 @@ class PhaseTimer:
 
     def __init__(self, device: torch.device):
         self.enabled = False
-        self.count_flops = False  # also count each phase's floating-point operations (slow; bench only)
+        self.count_flops = False  # count each phase's floating-point operations instead (slow; bench only)
         self.totals: dict[str, float] = defaultdict(float)
         self.flops: dict[str, float] = defaultdict(float)
         self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self._off = nullcontext()
 
     def __call__(self, name: str) -> AbstractContextManager:
-        return self._timed(name) if self.enabled else self._off
+        if not self.enabled:
+            return self._off
+        return self._counted(name) if self.count_flops else _Timed(self, name)
 
     @contextmanager
-    def _timed(self, name: str):
-        counter = FlopCounterMode(display=False) if self.count_flops else nullcontext()
-        self._sync()
-        start = time.perf_counter()
+    def _counted(self, name: str):
+        counter = FlopCounterMode(display=False)
         try:
             with counter:
                 yield
         finally:
-            self._sync()
-            self.totals[name] += time.perf_counter() - start
-            if self.count_flops:
-                self.flops[name] += counter.get_total_flops()
+            self.flops[name] += counter.get_total_flops()
 
     def reset(self) -> None:
         self.totals.clear()
         self.flops.clear()
+
+
+class _Timed:
+    """One timed phase. What it does outside its two clock readings counts as framework overhead,
+    so it does little: one call before the first reading, one addition after the second."""
+
+    __slots__ = ("timer", "name", "start")
+
+    def __init__(self, timer: PhaseTimer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.timer._sync()
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.timer._sync()
+        self.timer.totals[self.name] += time.perf_counter() - self.start
 
 
 def matmul_peak(

@@ -127,6 +127,20 @@ def test_bf16_autocast_runs_the_forward_passes_in_bf16_and_the_losses_in_float32
     assert x.dtype == logits.dtype == torch.float32  # what replay memory and sample grids keep
 
 
+def test_a_forward_after_an_optimizer_step_in_one_autocast_region_runs_on_the_new_weights():
+    """GAN-KD steps its discriminator and then scores the student with it, in one bf16 region."""
+    from dfkd.perf import autocast
+
+    layer, x, cpu = torch.nn.Linear(8, 2), torch.randn(4, 8), torch.device("cpu")
+    with autocast(PerfConfig(autocast="bf16"), cpu):
+        layer(x)
+        with torch.no_grad():
+            layer.weight.mul_(-1)  # what an optimizer step does: in place
+        after = layer(x)
+    with autocast(PerfConfig(autocast="bf16"), cpu):
+        assert torch.equal(after, layer(x))
+
+
 def test_fast_paths_are_applied_and_compute_the_same_first_step(tiny, tmp_path, run_of):
     slow = run_of(
         tiny(perf={"channels_last": False, "fused_optimizers": False, "autocast": "none"}), tmp_path / "slow"
