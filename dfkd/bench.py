@@ -156,8 +156,8 @@ def phase_flops(run: Run) -> dict[str, float]:
 
 
 def phase_breakdown(run: Run, iterations: int) -> tuple[float, dict[str, float]]:
-    """Seconds per iteration in all, and per phase; what no phase covers is framework overhead
-    (which so includes the phase timer's own bookkeeping: the figure errs high)."""
+    """Seconds per iteration in all, and per phase; what no phase covers is framework overhead. It
+    includes the phase timer's own bookkeeping, so the figure errs high."""
     timer = run.game.phases
     timer.reset()
     timer.enabled = True
