@@ -39,3 +39,16 @@ def random_mixup(x: torch.Tensor, fraction: float, generator: torch.Generator) -
     chosen = (torch.rand(n, generator=generator) < fraction).to(x.device)
     weight = torch.where(chosen, weight, torch.ones_like(weight))[:, None, None, None]
     return weight * x + (1 - weight) * x[partner]
+
+
+def random_resized_crop(x: torch.Tensor, min_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image's own square crop, covering a random fraction in [min_scale, 1] of its area at a
+    random position, resized back to the full size (bilinear). Differentiable in `x`."""
+    n = x.shape[0]
+    area = min_scale + (1 - min_scale) * torch.rand(n, generator=generator)
+    side = area.sqrt()  # the crop's side as a fraction of the image's
+    centre = (1 - side)[:, None] * (2 * torch.rand(n, 2, generator=generator) - 1)  # inside the image
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = side, side, centre
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

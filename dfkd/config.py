@@ -125,6 +125,14 @@ class MethodConfig:
     # exactly as configured.
     adapt_to_teacher: bool = True
     activation_layer: str | None = None  # the teacher layer the `activation` prior reads
+    # CMI's contrastive term for the generator (dfkd.contrast), weight `contrast` (0 disables it):
+    # each image's teacher features under a random crop covering at least `contrast_crop` of it
+    # must pick out its uncropped features among the batch and a bank of `contrast_bank` past
+    # images, through a learned head at `contrast_temperature`. Needs a BatchNorm teacher.
+    contrast: float = 0.0
+    contrast_temperature: float = 0.1
+    contrast_bank: int = 4096
+    contrast_crop: float = 0.25
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw
     # their batches from this memory (it always holds the newest batch). 0 disables it.
     replay_size: int = 0

@@ -38,7 +38,7 @@ def check(cfg: ExperimentConfig) -> None:
             raise DfkdError(f"{key} must be positive, got {value}")
     non_negative = {
         f"method.{k}": getattr(cfg.method, k)
-        for k in ("replay_size", "student_shift", "alpha", "beta", "adversarial_weight")
+        for k in ("replay_size", "student_shift", "alpha", "beta", "adversarial_weight", "contrast")
     }
     non_negative["train.max_rollbacks"] = cfg.train.max_rollbacks
     non_negative["eval.min_teacher_margin"] = cfg.eval.min_teacher_margin
@@ -54,6 +54,7 @@ def check(cfg: ExperimentConfig) -> None:
         "method.student_mixup": (cfg.method.student_mixup, 0.0, 1.0, True, True),
         "method.generator_ema": (cfg.method.generator_ema, 0.0, 1.0, True, False),
         "method.generator_ema_mix": (cfg.method.generator_ema_mix, 0.0, 1.0, False, False),
+        "method.contrast_crop": (cfg.method.contrast_crop, 0.0, 1.0, False, True),
         "train.student_ema": (cfg.train.student_ema, 0.0, 1.0, True, False),
         "eval.min_teacher_margin": (cfg.eval.min_teacher_margin, 0.0, 1.0, True, False),
     }
@@ -112,7 +113,16 @@ def _positive(cfg: ExperimentConfig) -> dict[str, float]:
         )
     }
     out.update(
-        {f"method.{k}": getattr(m, k) for k in ("n_student_steps", "n_generator_steps", "temperature")}
+        {
+            f"method.{k}": getattr(m, k)
+            for k in (
+                "n_student_steps",
+                "n_generator_steps",
+                "temperature",
+                "contrast_temperature",
+                "contrast_bank",
+            )
+        }
     )
     out.update({"generator.latent_dim": g.latent_dim, "generator.width": g.width})
     out.update({"data.image_size": cfg.data.image_size, "tracking.init_timeout": cfg.tracking.init_timeout})

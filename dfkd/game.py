@@ -71,16 +71,17 @@ class Player:
         return self.optimizer.param_groups[0]["lr"]
 
 
-class StudentSide(nn.Module):
-    """The student with the adapters its features pass through: everything the student step trains,
-    as one module so that DDP averages all of its gradients. Its forward is the student's."""
+class Side(nn.Module):
+    """A player's network with the modules its step also trains (the student's feature adapters,
+    the generator's contrastive head), as one module so that DDP averages all of their gradients.
+    Its forward is the network's."""
 
-    def __init__(self, student: nn.Module, adapters: list[nn.Module]):
+    def __init__(self, net: nn.Module, extras: list[nn.Module]):
         super().__init__()
-        self.student, self.adapters = student, nn.ModuleList(adapters)
+        self.net, self.extras = net, nn.ModuleList(extras)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student(x)
+        return self.net(x)
 
 
 def latents_for(cfg: ExperimentConfig, spec: InputSpec) -> LatentSpace:
@@ -121,6 +122,8 @@ class Game:
         generator_average = WeightAverage(self.generator, m.generator_ema) if m.generator_ema > 0 else None
         self.method = build_method(m)
         archs = [meta["arch"] for meta in pool.metas]
+        # Each process draws its own latents (rank 0, and a single process, from train.seed itself).
+        self.latent_rng = torch.Generator().manual_seed(cfg.train.seed + 1000 * distributed.rank())
         self.method.prepare(
             Setting(
                 student,
@@ -132,23 +135,33 @@ class Game:
                 spec,
                 device,
                 cfg.discriminator,
+                self.latent_rng,
             )
         )
-        # Each process draws its own latents (rank 0, and a single process, from train.seed itself).
-        self.latent_rng = torch.Generator().manual_seed(cfg.train.seed + 1000 * distributed.rank())
         self.batches = StudentBatches(
             m, cfg.train.batch_size, self.latent_rng, self.synthesize, generator_average
         )
         for net in [*self.networks.values(), *pool.models]:
             speed_up(net, cfg.perf)
         fused, n = cfg.perf.fused_optimizers, cfg.train.iterations
-        side = StudentSide(student, self.method.student_modules)
         self.student_player = Player(
-            side, cfg.student_optim, n, device, fused, self.phases, "backward (student step)"
+            Side(student, self.method.student_modules),
+            cfg.student_optim,
+            n,
+            device,
+            fused,
+            self.phases,
+            "backward (student step)",
         )
         self.student_player.average = self.student_average
         self.generator_player = Player(
-            self.generator, cfg.generator_optim, n, device, fused, self.phases, "backward (generator step)"
+            Side(self.generator, self.method.generator_modules),
+            cfg.generator_optim,
+            n,
+            device,
+            fused,
+            self.phases,
+            "backward (generator step)",
         )
         disc = self.method.discriminator
         self.discriminator_player = Player(disc, cfg.discriminator_optim, n, device, fused) if disc else None
@@ -175,6 +188,7 @@ class Game:
             "discriminator": m.discriminator,
             "adapter": getattr(m, "adapter", None),
             "feature_adapters": adapters if adapters is not None and len(adapters) else None,
+            "contrast": getattr(m, "contrast", None),
         }
         return {k: v for k, v in nets.items() if v is not None}
 

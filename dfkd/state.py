@@ -2,7 +2,7 @@
 
 Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak, generator_resets, config,
 latent_rngs (one per process), torch_rng, pool, one state_dict per trained network (student, generator, ema,
-generator_ema, discriminator, adapter, feature_adapters), opt_<player> and sched_<player> for
+generator_ema, discriminator, adapter, feature_adapters, contrast), opt_<player> and sched_<player> for
 s(tudent), g(enerator), d(iscriminator), memory (the replay memory), cuda_rng.
 """
 

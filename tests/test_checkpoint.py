@@ -79,11 +79,22 @@ def records(run_dir):
     return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")} for line in lines]
 
 
-@pytest.mark.parametrize("method", [{"reuse_samples": True}, {"replay_size": 40}, {"generator_ema": 0.9}])
-def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, run_of, method):
+CONTRAST = {"method": {"contrast": 0.8, "contrast_bank": 40}, "teacher": {"arch": "lenet5_bn", "epochs": 1}}
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"method": {"reuse_samples": True}},
+        {"method": {"replay_size": 40}},
+        {"method": {"generator_ema": 0.9}},
+        CONTRAST,
+    ],
+)
+def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, run_of, sections):
     # Log steps fall on the checkpoint, so that both runs average their metrics over the same steps.
     train = {"student_ema": 0.9, "iterations": 6, "checkpoint_every": 3, "log_every": 3}
-    cfg = tiny(method=method, train=train)
+    cfg = tiny(train=train, **sections)
     full = run_of(cfg, tmp_path / "full")
     full.fit()
 
@@ -94,9 +105,10 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, run_o
     resumed.fit()
     a, b = full.game.networks, resumed.game.networks
     assert {"student", "generator", "ema"} <= a.keys() and a.keys() == b.keys()
+    assert ("contrast" in a) == ("contrast" in sections["method"])  # the head and its bank resume too
     for key in a:
         for (name, x), y in zip(a[key].state_dict().items(), b[key].state_dict().values()):
-            assert torch.equal(x, y), f"{key}.{name}"
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f"{key}.{name}"
     split, whole = records(tmp_path / "split"), records(tmp_path / "full")
     assert [r["step"] for r in whole if "train/loss_S" in r] == [3, 6]
     assert split == whole

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dfkd.augment import random_resized_crop
 from dfkd.config import MethodConfig
+from dfkd.contrast import InstanceContrast, instance_features
 from dfkd.errors import DfkdError
 from dfkd.features import Adapter, batchnorm_layers, capture, find_layers
 from dfkd.losses import FEATURE_LOSSES, LOSSES, PRIOR_TAPS, PRIORS
@@ -24,10 +26,13 @@ class Adversarial(Method):
         self.feature_loss = FEATURE_LOSSES.get(cfg.feature_loss)
         self.feature_weight = cfg.feature_weight
         self.feature_adapters = nn.ModuleList()
+        self.contrast: InstanceContrast | None = None
+        self.rng: torch.Generator | None = None
 
     @property
     def taps(self) -> set[str]:
-        return {PRIOR_TAPS[name] for name in self.priors if name in PRIOR_TAPS}
+        wanted = {PRIOR_TAPS[name] for name in self.priors if name in PRIOR_TAPS}
+        return wanted | {"bn_inputs"} if self.cfg.contrast > 0 else wanted
 
     @property
     def layer_pairs(self) -> list[list[str]]:
@@ -39,16 +44,18 @@ class Adversarial(Method):
         self.check_feature_layers(setting)
         self.build_discriminator(setting)
         self.build_feature_adapters(setting)
+        self.build_contrast(setting)
 
     def check_prior_taps(self, setting: Setting) -> None:
         archs = ", ".join(setting.teacher_archs)
-        if "bn_inputs" in self.taps and not any(batchnorm_layers(m) for m in setting.teachers):
+        prior_taps = {PRIOR_TAPS[name] for name in self.priors if name in PRIOR_TAPS}
+        if "bn_inputs" in prior_taps and not any(batchnorm_layers(m) for m in setting.teachers):
             name = next(n for n in self.priors if PRIOR_TAPS.get(n) == "bn_inputs")
             raise DfkdError(
                 f"method.priors.{name} matches the teacher's BatchNorm statistics, but no teacher has "
                 f"BatchNorm layers ({archs}); drop the {name} prior or use a teacher with BatchNorm"
             )
-        if "activation" in self.taps:
+        if "activation" in prior_taps:
             layer = self.cfg.activation_layer
             if not layer:
                 raise DfkdError(
@@ -67,6 +74,32 @@ class Adversarial(Method):
         find_layers(setting.student, [s for s, _ in pairs], f"student {setting.student_arch}")
         for i in setting.feature_sources:
             find_layers(setting.teachers[i], [t for _, t in pairs], f"teacher {setting.teacher_archs[i]}")
+
+    def build_contrast(self, setting: Setting) -> None:
+        """CMI's head and memory bank (dfkd.contrast), trained with the generator."""
+        if self.cfg.contrast <= 0:
+            return
+        widths = {
+            sum(m.num_features for m in batchnorm_layers(setting.teachers[i]).values())
+            for i in range(len(setting.teachers))
+        }
+        if 0 in widths:
+            raise DfkdError(
+                "method.contrast compares the teacher's BatchNorm inputs, but a teacher has no "
+                f"BatchNorm layers ({', '.join(setting.teacher_archs)}); set method.contrast=0 "
+                "or use a BatchNorm teacher"
+            )
+        if len(widths) > 1:
+            raise DfkdError(
+                "method.contrast needs one feature width across the pool; the teachers' BatchNorm "
+                f"layers have {sorted(widths)} channels in all: distil from one teacher or set "
+                "method.contrast=0"
+            )
+        m = self.cfg
+        contrast = InstanceContrast(widths.pop(), m.contrast_bank, m.contrast_temperature)
+        self.contrast = contrast.to(setting.device)
+        self.generator_modules = [self.contrast]
+        self.rng = setting.rng or torch.Generator().manual_seed(0)
 
     def build_discriminator(self, setting: Setting) -> None:
         """Methods with a discriminator build it here, before the feature adapters."""
@@ -108,6 +141,14 @@ class Adversarial(Method):
             taps["activation"] = acts[act[0]]
         if "images" in wanted:
             taps["images"] = x
+        if self.contrast is not None:
+            local = random_resized_crop(x, self.cfg.contrast_crop, self.rng)
+            with capture(teacher, list(bn_layers), inputs=True) as local_in, phase("teacher forward"):
+                teacher(local)
+            taps["views"] = (
+                instance_features([local_in[p] for p in bn_layers]),
+                instance_features([bn_in[p] for p in bn_layers]),
+            )
         return logits, taps
 
     def feature_pairs(self, student_features: dict, teacher_features: dict) -> list[tuple]:
@@ -122,6 +163,11 @@ class Adversarial(Method):
         for name, (prior, weight) in self.priors.items():
             out[f"prior_{name}"] = prior(teacher_logits, **taps)
             out["loss"] = out["loss"] + weight * out[f"prior_{name}"]
+        if self.contrast is not None:
+            local, whole = taps["views"]
+            out["contrast"] = self.contrast.loss(local, whole)
+            out["loss"] = out["loss"] + self.cfg.contrast * out["contrast"]
+            self.contrast.remember(local, whole)  # after it is scored: a batch is not its own negative
         return out
 
     def student_losses(self, student_logits, teacher_logits, feature_pairs=(), d_fake=None):

@@ -36,6 +36,7 @@ class Setting:
     spec: InputSpec
     device: torch.device
     discriminator: DiscriminatorConfig
+    rng: torch.Generator | None = None  # the game's latent stream, for a method's own random draws
 
     def need_one_teacher_per_iteration(self, what: str) -> None:
         if not self.feature_sources:
@@ -63,13 +64,15 @@ class Method:
     """The interface the game calls. Subclasses register by name in METHODS."""
 
     uses_discriminator = False
-    # The student's trainable modules beside the student itself (adapters), and the discriminator.
+    # The trainable modules beside the student (adapters) and beside the generator (a contrastive
+    # head), each trained by that player's step, and the discriminator.
     student_modules: list[nn.Module]
+    generator_modules: list[nn.Module]
     discriminator: nn.Module | None = None
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
-        self.student_modules = []
+        self.student_modules, self.generator_modules = [], []
 
     def prepare(self, setting: Setting) -> None:
         """Check what the method reads against the run's networks; build its own modules."""
