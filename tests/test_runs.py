@@ -216,6 +216,22 @@ def test_teacher_families_reads_finished_runs_back_and_prints_each_row(
     assert rows[0] == expected and len(rows) == 2
 
 
+def test_teacher_families_runs_the_recipes_length_where_the_budget_allows_more(
+    tmp_path, capsys, teacher_families, monkeypatch
+):
+    # a 600 s budget at 0.2 s per iteration would allow 3,000; the recipe runs 1,000
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    stem = teacher_families.stem("mnist5k", "mlp")
+    for suffix, (wall, iterations) in {"calibration": (4.0, 20), "s0": (200.0, 1000)}.items():
+        (tmp_path / f"{stem}_{suffix}").mkdir()
+        summary = {"teacher_acc": 96.0, "student_acc": 91.2, "wall_s": wall, "iterations": iterations}
+        (tmp_path / f"{stem}_{suffix}" / "summary.json").write_text(json.dumps(summary))
+    argv = ["--datasets", "mnist5k", "--families", "mlp", "--seeds", "0", "--budget", "600"]
+    assert teacher_families.main([*argv, "--out", str(tmp_path)]) == 0
+    (line,) = {x for x in capsys.readouterr().out.splitlines() if x.startswith("| mlp →")}
+    assert "| 0.950 | 1000 | 200 s |" in line and "--iterations=1000 " in line
+
+
 def test_teacher_families_distils_the_users_own_cnn_file(tmp_path, teacher_families, capsys):
     """The home-made teacher row end to end: imported by path, trained, distilled, tabled."""
     small = ["teacher.epochs=1", "train.batch_size=16", "train.log_every=5", "train.sample_every=50"]
