@@ -30,9 +30,13 @@ class Adversarial(Method):
         self.rng: torch.Generator | None = None
 
     @property
+    def prior_taps(self) -> set[str]:
+        return {PRIOR_TAPS[name] for name in self.priors if name in PRIOR_TAPS}
+
+    @property
     def taps(self) -> set[str]:
-        wanted = {PRIOR_TAPS[name] for name in self.priors if name in PRIOR_TAPS}
-        return wanted | {"bn_inputs"} if self.cfg.contrast > 0 else wanted
+        """The priors' taps, and the BatchNorm inputs the contrastive term describes images by."""
+        return self.prior_taps | {"bn_inputs"} if self.cfg.contrast > 0 else self.prior_taps
 
     @property
     def layer_pairs(self) -> list[list[str]]:
@@ -48,7 +52,7 @@ class Adversarial(Method):
 
     def check_prior_taps(self, setting: Setting) -> None:
         archs = ", ".join(setting.teacher_archs)
-        prior_taps = {PRIOR_TAPS[name] for name in self.priors if name in PRIOR_TAPS}
+        prior_taps = self.prior_taps
         if "bn_inputs" in prior_taps and not any(batchnorm_layers(m) for m in setting.teachers):
             name = next(n for n in self.priors if PRIOR_TAPS.get(n) == "bn_inputs")
             raise DfkdError(
@@ -80,8 +84,7 @@ class Adversarial(Method):
         if self.cfg.contrast <= 0:
             return
         widths = {
-            sum(m.num_features for m in batchnorm_layers(setting.teachers[i]).values())
-            for i in range(len(setting.teachers))
+            sum(m.num_features for m in batchnorm_layers(teacher).values()) for teacher in setting.teachers
         }
         if 0 in widths:
             raise DfkdError(
