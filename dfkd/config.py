@@ -133,6 +133,12 @@ class MethodConfig:
     contrast_temperature: float = 0.1
     contrast_bank: int = 4096
     contrast_crop: float = 0.25
+    # Fast-DFKD's meta-learned generator start (dfkd.meta): each iteration the generator starts
+    # again from a learned initialisation, takes its n_generator_steps with a fresh optimizer, and
+    # the initialisation then moves at generator_optim.lr x n_generator_steps by `fomaml` (the sum
+    # of those steps' gradients, as in the published runs) or `reptile` (towards where the steps
+    # ended). null: one live generator plays the whole game.
+    meta_generator: str | None = None
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw
     # their batches from this memory (it always holds the newest batch). 0 disables it.
     replay_size: int = 0

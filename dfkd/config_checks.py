@@ -7,6 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from dfkd.errors import DfkdError
+from dfkd.meta import META_RULES
 from generators.registry import OUTPUTS as GENERATOR_OUTPUTS
 
 if TYPE_CHECKING:
@@ -71,6 +72,10 @@ def check(cfg: ExperimentConfig) -> None:
         "generator.output": (cfg.generator.output, GENERATOR_OUTPUTS),
         "tracking.mode": (cfg.tracking.mode, ("online", "offline", "disabled")),
         "train.collapse_action": (cfg.train.collapse_action, ("reinit", "warn")),
+        "method.meta_generator": (
+            "null" if cfg.method.meta_generator is None else cfg.method.meta_generator,
+            ("null", *META_RULES),
+        ),
     }
     for name in OPTIMIZER_SECTIONS:
         opt = getattr(cfg, name)
@@ -92,6 +97,11 @@ def check(cfg: ExperimentConfig) -> None:
         raise DfkdError(
             "method.priors.target asks the teacher for the class each latent codes for, but "
             "generator.conditional is false; set generator.conditional=true"
+        )
+    if cfg.method.meta_generator is not None and cfg.method.contrast > 0:
+        raise DfkdError(
+            "method.meta_generator restarts the generator's optimizer every iteration, and with it "
+            "the contrastive head's (method.contrast); set one of them off"
         )
     for i, pair in enumerate(cfg.method.features):
         if len(pair) != 2:

@@ -12,6 +12,8 @@ Gradient routing (ARCHITECTURE.md, "Gradients"):
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
@@ -20,6 +22,7 @@ from dfkd.batches import StudentBatches
 from dfkd.config import ExperimentConfig, OptimizerConfig
 from dfkd.features import capture
 from dfkd.latents import LatentSpace
+from dfkd.meta import MetaStart
 from dfkd.methods import Setting, build_method
 from dfkd.optim import WeightAverage, build_optimizer, build_schedule
 from dfkd.perf import PhaseTimer, autocast, speed_up
@@ -59,7 +62,16 @@ class Player:
             self.optimizer.zero_grad(set_to_none=True)
         with phase(self.backward_phase):
             loss.backward(inputs=self.params)
-        with phase("optimizer"):
+        self._apply_grads()
+
+    def step_along(self, grads: list[torch.Tensor]) -> None:
+        """A step on gradients made elsewhere (the generator's meta-learned start: dfkd.meta)."""
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        self._apply_grads()
+
+    def _apply_grads(self) -> None:
+        with self.phases("optimizer"):
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
             self.optimizer.step()
@@ -115,6 +127,7 @@ class Game:
         self.student = student
         self.latents = latents_for(cfg, spec)
         self.generator = generator_for(cfg, spec).to(device)
+        self.meta: MetaStart | None = None  # built once the generator's player is (below)
         self.student_average = (
             WeightAverage(student, cfg.train.student_ema) if cfg.train.student_ema > 0 else None
         )
@@ -165,14 +178,28 @@ class Game:
         )
         disc = self.method.discriminator
         self.discriminator_player = Player(disc, cfg.discriminator_optim, n, device, fused) if disc else None
+        self.meta = self._meta_start(fused) if m.meta_generator else None
+
+    def _meta_start(self, fused: bool) -> MetaStart:
+        """The generator's meta-learned start, stepped at the inner rate x the inner steps."""
+        m, opt = self.cfg.method, self.cfg.generator_optim
+        meta_cfg = dataclasses.replace(opt, lr=opt.lr * m.n_generator_steps)
+        with torch.random.fork_rng(devices=[]):  # (its initial weights are overwritten)
+            start = generator_for(self.cfg, self.spec).to(self.device)
+        start.load_state_dict(self.generator.state_dict())
+        player = Player(start, meta_cfg, self.cfg.train.iterations, self.device, fused)
+        return MetaStart(m.meta_generator, player)
 
     # ---- what the run holds ---------------------------------------------------------------
     @property
     def players(self) -> dict[str, Player]:
-        """Student (s), generator (g), discriminator (d), by checkpoint key."""
+        """Student (s), generator (g), discriminator (d), the generator's meta start (m), by
+        checkpoint key."""
         out = {"s": self.student_player, "g": self.generator_player}
         if self.discriminator_player is not None:
             out["d"] = self.discriminator_player
+        if self.meta is not None:
+            out["m"] = self.meta.player
         return out
 
     @property
@@ -189,6 +216,7 @@ class Game:
             "adapter": getattr(m, "adapter", None),
             "feature_adapters": adapters if adapters is not None and len(adapters) else None,
             "contrast": getattr(m, "contrast", None),
+            "generator_meta": self.meta.module if self.meta is not None else None,
         }
         return {k: v for k, v in nets.items() if v is not None}
 
@@ -213,6 +241,8 @@ class Game:
             fresh = generator_for(self.cfg, self.spec)
         self.generator.load_state_dict(fresh.state_dict())
         self.generator_player.optimizer.state.clear()
+        if self.meta is not None:
+            self.meta.reset(fresh.state_dict())
         self.batches.forget(fresh.state_dict())  # nothing of the collapsed generator feeds the student
 
     # ---- the steps ------------------------------------------------------------------------
@@ -247,6 +277,19 @@ class Game:
                 losses = self.method.generator_losses(student_logits.float(), teacher_logits.float(), **taps)
         self.generator_player.step(losses["loss"])
         return losses, (x.detach().float(), teacher_logits.detach().float())
+
+    def generator_steps(self, n: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """`n` ascent steps; returns the last one's losses and batch. With a meta-learned start
+        (Fast-DFKD), the steps begin from it and it moves once they are done."""
+        if self.meta is not None:
+            self.meta.begin(self.generator, self.generator_player)
+        for _ in range(n):
+            out = self.generator_step()
+            if self.meta is not None:
+                self.meta.observe(self.generator)
+        if self.meta is not None:
+            self.meta.end(self.generator)
+        return out
 
     def student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[dict, dict]:
         """Discriminator steps (when there is one) then one student step, on one batch. Returns
@@ -284,8 +327,7 @@ class Game:
         metrics as detached tensors."""
         m = self.cfg.method
         self.teacher, self.feature_teacher = self.pool.choose(step)
-        for _ in range(m.n_generator_steps):
-            g_losses, latest = self.generator_step()
+        g_losses, latest = self.generator_steps(m.n_generator_steps)
         self.batches.refresh(latest, self.generator)
         for _ in range(m.n_student_steps):
             s_losses, d_losses = self.student_step(*self.batches.draw(latest, self.teacher))

@@ -2,8 +2,9 @@
 
 Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak, generator_resets, config,
 latent_rngs (one per process), torch_rng, pool, one state_dict per trained network (student, generator, ema,
-generator_ema, discriminator, adapter, feature_adapters, contrast), opt_<player> and sched_<player> for
-s(tudent), g(enerator), d(iscriminator), memory (the replay memory), cuda_rng.
+generator_ema, discriminator, adapter, feature_adapters, contrast, generator_meta), opt_<player> and
+sched_<player> for s(tudent), g(enerator), d(iscriminator), m (the generator's meta start),
+memory (the replay memory), cuda_rng.
 """
 
 from __future__ import annotations
@@ -136,12 +137,13 @@ def load_run_state(run: Run, path: Path) -> int:
 def _apply(changes: dict[str, tuple], run: Run) -> None:
     """New learning rates scale the saved ones (schedule, rollbacks and all); a new length re-plans
     the schedules as if the run had been planned for it."""
-    names = {"student_optim": "s", "generator_optim": "g", "discriminator_optim": "d"}
+    names = {"student_optim": "s", "generator_optim": "gm", "discriminator_optim": "d"}  # m: meta start
     players = run.game.players
     for key, (old, new) in changes.items():
         section = key.split(".")[0]
-        if key.endswith(".lr") and names[section] in players and old:
-            player = players[names[section]]
+        if not key.endswith(".lr") or not old:
+            continue
+        for player in (players[k] for k in names[section] if k in players):
             scale_lr(player.optimizer, player.schedule, new / old)
     for player in players.values():
         replan(player.optimizer, player.schedule, run.cfg.train.iterations)

@@ -89,6 +89,7 @@ CONTRAST = {"method": {"contrast": 0.8, "contrast_bank": 40}, "teacher": {"arch"
         {"method": {"replay_size": 40}},
         {"method": {"generator_ema": 0.9}},
         CONTRAST,
+        {"method": {"meta_generator": "fomaml", "n_generator_steps": 2}},
     ],
 )
 def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, run_of, sections):
@@ -106,6 +107,7 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, run_o
     a, b = full.game.networks, resumed.game.networks
     assert {"student", "generator", "ema"} <= a.keys() and a.keys() == b.keys()
     assert ("contrast" in a) == ("contrast" in sections["method"])  # the head and its bank resume too
+    assert ("generator_meta" in a) == ("meta_generator" in sections["method"])  # and the meta start
     for key in a:
         for (name, x), y in zip(a[key].state_dict().items(), b[key].state_dict().values()):
             assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f"{key}.{name}"

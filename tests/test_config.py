@@ -60,6 +60,7 @@ DEFAULTS = {
         "contrast_temperature": 0.1,
         "contrast_bank": 4096,
         "contrast_crop": 0.25,
+        "meta_generator": None,
         "replay_size": 0,
         "student_shift": 0,
         "generator_ema": 0.0,

@@ -50,6 +50,11 @@ INNER_LOOPS = {
         "generator": {"conditional": True},
         "method": {"priors": {"target": 1.0}},
     },
+    "contrastive term": {
+        "teacher": {"arch": "lenet5_bn", "epochs": 1},
+        "method": {"contrast": 0.5, "contrast_bank": 32},
+    },
+    "meta-learned generator start": {"method": {"meta_generator": "fomaml", "n_generator_steps": 2}},
     "features": {"method": FEATURES},
     "gankd with features": {"method": {"name": "gankd", **FEATURES}},
     "bf16, channels_last, fused": {
