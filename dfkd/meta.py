@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:
-    from dfkd.game import Player
+    from dfkd.player import Player
 
 META_RULES = ("fomaml", "reptile")
 

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 from dfkd.config import OptimizerConfig
-from dfkd.game import Player
 from dfkd.optim import WeightAverage
+from dfkd.player import Player
 
 CPU = torch.device("cpu")
 SGD = OptimizerConfig(name="sgd", lr=1.0, momentum=0.0, schedule="constant")
