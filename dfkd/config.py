@@ -121,8 +121,8 @@ class MethodConfig:
     # its samples where the teacher is confident and spread over all classes.
     priors: dict[str, float] = field(default_factory=dict)
     # With no priors and a plain generator given: fit the recipe to the teachers (dfkd.recipe; a
-    # BatchNorm teacher gets the bn_kl prior). The run prints what it changed; false plays the game
-    # exactly as configured.
+    # BatchNorm teacher gets Fast-DFKD's generator game in the settings left at their defaults).
+    # The run prints what it changed; false plays the game exactly as configured.
     adapt_to_teacher: bool = True
     activation_layer: str | None = None  # the teacher layer the `activation` prior reads
     # CMI's contrastive term for the generator (dfkd.contrast), weight `contrast` (0 disables it):

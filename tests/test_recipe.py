@@ -5,27 +5,43 @@ import json
 import torch.nn as nn
 import yaml
 
-from dfkd.config import ExperimentConfig, with_settings
+from dfkd.config import ExperimentConfig, load_config, with_settings
 from dfkd.models import build_classifier
-from dfkd.recipe import BATCHNORM_PRIORS, adapt_to_teachers
+from dfkd.recipe import BATCHNORM_GAME, adapt_to_teachers
 
 
 def teacher(arch):
     return build_classifier(arch, in_channels=1, num_classes=10, image_size=32)
 
 
-def test_a_batchnorm_teacher_gets_the_batchnorm_prior():
+def test_a_batchnorm_teacher_gets_the_batchnorm_game():
     cfg, notes = adapt_to_teachers(ExperimentConfig(), [teacher("resnet8")])
-    assert cfg.method.priors == BATCHNORM_PRIORS == {"bn_kl": 1.0}
-    assert cfg.generator == ExperimentConfig().generator
+    assert cfg == with_settings(ExperimentConfig(), BATCHNORM_GAME)
+    assert cfg.method.priors == {"bn": 10.0, "target": 0.5} and cfg.generator.conditional
+    assert cfg.method.n_generator_steps == 2 and cfg.method.replay_size == 50000
     (note,) = notes
     assert "teacher has 9 BatchNorm layers" in note and "adapt_to_teacher=false" in note
-    cfg.validate()
+    # the note spells each change as the command line takes it
+    assert 'method.priors={"bn":10.0,"target":0.5}' in note and "generator.conditional=true" in note
+
+
+def test_the_note_is_a_list_of_overrides_that_reproduce_the_adapted_config():
+    cfg, (note,) = adapt_to_teachers(ExperimentConfig(), [teacher("resnet8")])
+    overrides = note.split(": ", 2)[2].split(";")[0].split(" ")
+    assert load_config(None, overrides) == cfg
+
+
+def test_settings_the_user_gave_are_kept_and_the_rest_adapted():
+    given = with_settings(ExperimentConfig(), {"method.n_generator_steps": 3, "generator_optim.lr": 1e-4})
+    cfg, (note,) = adapt_to_teachers(given, [teacher("resnet8")])
+    assert cfg.method.n_generator_steps == 3 and cfg.generator_optim.lr == 1e-4
+    assert cfg.generator.conditional and cfg.method.priors == BATCHNORM_GAME["method.priors"]
+    assert "kept as given: method.n_generator_steps=3 generator_optim.lr=0.0001" in note
 
 
 def test_a_pool_with_one_batchnorm_teacher_is_adapted_and_counts_each_teachers_layers():
     cfg, notes = adapt_to_teachers(ExperimentConfig(), [teacher("lenet5"), teacher("lenet5_bn")])
-    assert cfg.method.priors == BATCHNORM_PRIORS and "teachers have BatchNorm layers (0, 3)" in notes[0]
+    assert cfg.generator.conditional and "teachers have BatchNorm layers (0, 3)" in notes[0]
 
 
 def test_teachers_without_batchnorm_keep_the_plain_game():
@@ -55,8 +71,9 @@ def test_a_run_prints_records_and_writes_its_adaptation(tiny, tmp_path, run_of, 
     assert summary["adaptations"] == run.adaptations and len(run.adaptations) == 1
     assert json.loads((tmp_path / "summary.json").read_text())["adaptations"] == run.adaptations
     written = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert written["method"]["priors"] == BATCHNORM_PRIORS
-    assert "train/prior_bn_kl" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+    assert written["method"]["priors"] == BATCHNORM_GAME["method.priors"]
+    assert written["generator"]["conditional"] is True
+    assert "train/prior_bn" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
 
 
 def test_an_adapted_run_resumes_under_the_same_adaptation(tiny, tmp_path, run_of):
