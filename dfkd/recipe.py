@@ -5,9 +5,10 @@ teacher that ends in global pooling the generator wins the game with images the 
 statistics do not describe: its logits grow without bound and the generator settles on a few
 classes where the student is most wrong (runs/RESULTS.md, "Teacher families"). For such teachers
 the recipe plays Fast-DFKD's generator game (runs/mnist5k_fast.yaml, without its meta-learned
-start, which measured no gain): the teacher's BatchNorm statistics to match, a class drawn at
-random for every synthetic image and coded into the latent, two generator steps per iteration at
-a higher rate, and a replay memory the student learns from.
+start, which measured no gain, and with a lighter adversarial term, which measured a little
+better): the teacher's BatchNorm statistics to match, a class drawn at random for every synthetic
+image and coded into the latent, two generator steps per iteration at a higher rate, and a replay
+memory the student learns from.
 
 Only settings the user left at their defaults are adapted; the adaptation is one line that the
 run prints, that summary.json keeps, and that the written config.yaml (and W&B's) carries as values.
@@ -24,7 +25,8 @@ from dfkd.config import ExperimentConfig
 from dfkd.configfile import config_to_dict, with_settings
 from dfkd.features import batchnorm_layers
 
-# The game for a BatchNorm teacher, measured on MNIST-5k (runs/RESULTS.md, "Teacher families").
+# The game for a BatchNorm teacher, measured on MNIST-5k (runs/RESULTS.md, "Teacher families" and
+# "The BatchNorm game").
 BATCHNORM_GAME: dict[str, Any] = {
     "generator.output": "standardized",
     "generator.conditional": True,

@@ -110,7 +110,8 @@ def test_the_term_trains_the_generator_and_its_head_and_never_the_student(tiny, 
     for call in routes.calls["s"]:
         assert call["terms"] == {"loss": {"s"}} and call["changed"] == {"s"}
     assert all(not torch.equal(a, b) for a, b in zip(before, head))  # the head learns
-    assert game.method.contrast.filled == 2 * game.cfg.train.batch_size
+    # every generator step banks its batch: two iterations of the adapted game's two steps
+    assert game.method.contrast.filled == 2 * game.cfg.method.n_generator_steps * game.cfg.train.batch_size
 
 
 def test_the_term_reaches_the_generator_through_both_views_and_the_head(tiny, tmp_path, run_of):

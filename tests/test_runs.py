@@ -82,18 +82,20 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-# A ResNet-8 teacher with the default recipe (runs/RESULTS.md, "Teacher families"): the plain game
-# read 0.174 and 0.225 of the teacher at 400 iterations; the recipe's adaptation to BatchNorm
-# (bn_kl) 0.392 at 400 (one thread) and 0.308 (two threads), 0.438 and 0.621 over two seeds at 612.
-# 600 iterations, the guard under the lower seed: it fails when the adaptation is lost.
-RESNET8_MIN_RATIO = 0.35
+# A ResNet-8 teacher with the default recipe (runs/RESULTS.md, "Teacher families"): at 300 iterations
+# the plain game read 0.17 of the teacher and the bn_kl prior alone 0.23; the BatchNorm game
+# (dfkd.recipe) read 0.766 here (bf16, one thread, 2026-12-03), and Fast-DFKD's file, whose game it
+# is with a heavier adversarial term, 0.79-0.80 in float32. The guard fails when the adaptation is
+# lost or stops lifting the student.
+RESNET8_ITERATIONS, RESNET8_MIN_RATIO = 300, 0.6
 
 
 @pytest.mark.slow
 def test_a_resnet8_teacher_gets_the_batchnorm_recipe_and_distils_beyond_the_plain_game(tmp_path):
-    summary = run_cli(tmp_path, "run", "mnist5k_demo", "teacher.arch=resnet8", "--iterations", "600")
+    iterations = str(RESNET8_ITERATIONS)
+    summary = run_cli(tmp_path, "run", "mnist5k_demo", "teacher.arch=resnet8", "--iterations", iterations)
     print(json.dumps(summary))
-    assert summary["adaptations"] and "bn_kl" in summary["adaptations"][0]
+    assert summary["adaptations"] and "BatchNorm game" in summary["adaptations"][0]
     assert summary["teacher_acc"] > 95
     assert summary["student_acc"] / summary["teacher_acc"] >= RESNET8_MIN_RATIO
 
