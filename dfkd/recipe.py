@@ -10,8 +10,10 @@ better): the teacher's BatchNorm statistics to match, a class drawn at random fo
 image and coded into the latent, two generator steps per iteration at a higher rate, and a replay
 memory the student learns from.
 
-Only settings the user left at their defaults are adapted; the adaptation is one line that the
-run prints, that summary.json keeps, and that the written config.yaml (and W&B's) carries as values.
+Only settings the user left at their defaults are adapted (one given at its default value counts
+as left: method.adapt_to_teacher=false and the game spelled out sets it back); the adaptation is
+one line that the run prints, that summary.json keeps, and that the written config.yaml (and W&B's)
+carries as values.
 """
 
 from __future__ import annotations

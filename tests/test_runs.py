@@ -82,9 +82,9 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
     assert summary["student_acc"] / summary["teacher_acc"] >= 0.95
 
 
-# A ResNet-8 teacher with the default recipe (runs/RESULTS.md, "Teacher families"): at 300 iterations
-# the plain game read 0.17 of the teacher and the bn_kl prior alone 0.23; the BatchNorm game
-# (dfkd.recipe) read 0.766 here (bf16, one thread, 2026-12-03), and Fast-DFKD's file, whose game it
+# A ResNet-8 teacher with the default recipe (runs/RESULTS.md, "Teacher families"): the plain game
+# read 0.17 of the teacher at 400 iterations and the bn_kl prior alone 0.23 at 300; the BatchNorm game
+# (dfkd.recipe) read 0.766 at 300 (bf16, one thread, 2026-12-03), and Fast-DFKD's file, whose game it
 # is with a heavier adversarial term, 0.79-0.80 in float32. The guard fails when the adaptation is
 # lost or stops lifting the student.
 RESNET8_ITERATIONS, RESNET8_MIN_RATIO = 300, 0.6
