@@ -142,6 +142,11 @@ class MethodConfig:
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw
     # their batches from this memory (it always holds the newest batch). 0 disables it.
     replay_size: int = 0
+    # DeepInversion's jitter: each image of a generator step is shifted by up to this many pixels
+    # (its own offset) before the teacher and the student see it, so the generator is asked for
+    # images whose class survives a small move. The replay memory keeps the shifted images.
+    # 0 disables it.
+    generator_shift: int = 0
     # Student steps see each synthetic image shifted by up to this many pixels, with the teacher's
     # logits for the shifted image (one extra teacher forward per student step). 0 disables it.
     student_shift: int = 0

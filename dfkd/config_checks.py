@@ -39,7 +39,15 @@ def check(cfg: ExperimentConfig) -> None:
             raise DfkdError(f"{key} must be positive, got {value}")
     non_negative = {
         f"method.{k}": getattr(cfg.method, k)
-        for k in ("replay_size", "student_shift", "alpha", "beta", "adversarial_weight", "contrast")
+        for k in (
+            "replay_size",
+            "generator_shift",
+            "student_shift",
+            "alpha",
+            "beta",
+            "adversarial_weight",
+            "contrast",
+        )
     }
     non_negative["train.max_rollbacks"] = cfg.train.max_rollbacks
     non_negative["eval.min_teacher_margin"] = cfg.eval.min_teacher_margin

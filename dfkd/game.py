@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from dfkd import distributed
+from dfkd.augment import random_translate
 from dfkd.batches import StudentBatches
 from dfkd.config import ExperimentConfig
 from dfkd.features import capture
@@ -216,6 +217,8 @@ class Game:
             with phase("generator forward"):
                 z = self.sample_latent()
                 x = self.generator_player.forward(z)
+                if self.cfg.method.generator_shift:
+                    x = random_translate(x, self.cfg.method.generator_shift, self.latent_rng)
             teacher_logits, taps = self.method.teacher_forward(self.teacher, x, phase)
             if self.latents.conditional:
                 taps["targets"] = self.latents.targets(z)

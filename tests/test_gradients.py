@@ -126,6 +126,7 @@ def test_full_iteration_routes_each_loss_to_its_player(tiny, tmp_path, run_of):
         {"reuse_samples": True},
         {"replay_size": 64, "student_shift": 2, "student_flip": True, "student_mixup": 0.5},
         {"generator_ema": 0.5, "generator_ema_mix": 0.25},
+        {"generator_shift": 2},
     ):
         run = run_of(tiny(method={**method, "n_student_steps": 2}), tmp_path)
         routes = Routes(run.game)
@@ -138,6 +139,31 @@ def test_full_iteration_routes_each_loss_to_its_player(tiny, tmp_path, run_of):
             assert call["terms"]["loss"] == {"g", "s"} and call["changed"] == {"g"}, method
         for call in routes.calls["s"]:
             assert call["terms"] == {"loss": {"s"}} and call["changed"] == {"s"}, method
+
+
+def test_the_generator_step_shows_the_teacher_each_image_shifted_by_its_own_offset(tiny, tmp_path, run_of):
+    game = run_of(tiny(method={"generator_shift": 2}), tmp_path).game
+    state = game.latent_rng.get_state()
+    with torch.no_grad(), game.autocast():
+        raw = game.generator(game.sample_latent()).float()
+    game.latent_rng.set_state(state)
+    _, (x, t) = game.generator_step()
+    pad = torch.nn.functional.pad(raw, (2, 2, 2, 2), mode="replicate")
+    h, w = raw.shape[-2:]
+    offsets = []
+    for image, padded in zip(x, pad):
+        found = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.allclose(image, padded[:, 2 - dy : 2 - dy + h, 2 - dx : 2 - dx + w], atol=1e-6)
+        ]
+        assert found, "each image is the generator's own image moved by at most 2 pixels"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 1, "the offsets differ between the images of a batch"
+    with torch.no_grad(), game.autocast():
+        relabelled = game.teacher(x).float()
+    assert torch.allclose(t, relabelled, atol=1e-5), "the teacher's logits are for the shifted images"
 
 
 def test_the_averaged_generator_supplies_its_share_of_each_student_batch(tiny, tmp_path, run_of):
