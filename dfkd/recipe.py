@@ -8,7 +8,12 @@ the recipe plays Fast-DFKD's generator game (runs/mnist5k_fast.yaml, without its
 start, which measured no gain, and with a lighter adversarial term, which measured a little
 better): the teacher's BatchNorm statistics to match, a class drawn at random for every synthetic
 image and coded into the latent, two generator steps per iteration at a higher rate, and a replay
-memory the student learns from.
+memory the student learns from, twenty student steps per iteration: a student step on stored
+images and logits costs a fraction of a generator step through a large teacher, so a slow teacher's
+run spends more of its time teaching. DeepInversion's jitter (each generator image shifted by up to
+two pixels before the teacher sees it) asks for images whose class survives a small move: without
+it the generator finds patterns the teacher reads at one position only, which teach the student
+little about real digits.
 
 Only settings the user left at their defaults are adapted (one given at its default value counts
 as left: method.adapt_to_teacher=false and the game spelled out sets it back); the adaptation is
@@ -35,6 +40,8 @@ BATCHNORM_GAME: dict[str, Any] = {
     "method.priors": {"bn": 10.0, "target": 0.5},
     "method.adversarial_weight": 0.5,
     "method.n_generator_steps": 2,
+    "method.n_student_steps": 20,
+    "method.generator_shift": 2,
     "method.replay_size": 50000,
     "generator_optim.lr": 0.005,
     "generator_optim.betas": [0.5, 0.999],

@@ -62,6 +62,7 @@ DEFAULTS = {
         "contrast_crop": 0.25,
         "meta_generator": None,
         "replay_size": 0,
+        "generator_shift": 0,
         "student_shift": 0,
         "generator_ema": 0.0,
         "generator_ema_mix": 0.5,
