@@ -81,7 +81,8 @@ def pytest_terminal_summary(terminalreporter):
 # .ci/run runs the slow checks on two workers, one thread each (--dist loadgroup): each worker takes
 # one of two halves of about equal time there. One thread, no bf16 (2026-12-02, seconds):
 # Fashion-MNIST ~1,220 (1,926 at 500 iterations), ResNet-8 985 at its former 600 iterations (the
-# BatchNorm game's 200 took 373 with bf16 beside another run, 2026-12-04: about 700 without),
+# BatchNorm game's 400 at batch 128 took 310 with bf16 beside another run, 2026-12-04; unmeasured
+# without bf16, about 600 expected),
 # gpu_check 76 | pool 786, GAN-KD 741, demo 666, bench 123.
 FIRST_HALF = {
     "test_fashion_mnist_recipe_keeps_its_measured_level",
