@@ -224,10 +224,13 @@ class Run:
                 if self.callback is not None and self.callback(step, metrics) is False:
                     self.stopped = True
             if _every(step, cfg.eval_every, last) and self.main:
+                began = time.perf_counter()
                 evals = self.evaluate()
+                score = next(iter(evals.values()))
+                # runs/preset_table.py's calibration tells iterations from evaluations by it
+                evals["perf/eval_s"] = time.perf_counter() - began
                 evals["health/student_near_chance"] = self._check_learning(evals, step)
                 tracker.log(evals, step)
-                score = next(iter(evals.values()))
                 bar.set_postfix(acc=f"{score:.1f}", best=f"{self.report.best_acc:.1f}")
             if _every(step, cfg.sample_every, last) and self.main:
                 path = self.report.save_samples(self.game.generator, step)

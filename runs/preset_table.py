@@ -1,10 +1,11 @@
 """The presets at an equal wall-clock budget, several seeds each: the table in runs/RESULTS.md.
 
-For each dataset and preset a short calibration run measures the seconds one iteration takes on
-this machine; the preset then runs budget / (seconds per iteration) iterations (its schedules fit
-to that count) once per seed, and the script prints a markdown table with the command that
-reproduces each row. Finished runs in --out are read back, not re-run, so an interrupted table
-continues where it stopped; a run of another length (another --budget) is run again.
+For each dataset and preset a short calibration run measures the seconds one iteration takes on this
+machine, apart from its evaluations (every run evaluates four times); the preset then runs as many
+iterations as the budget leaves room for (its schedules fit to that count) once per seed, and the
+script prints a markdown table with the command that reproduces each row. Finished runs in --out are
+read back, not re-run, so an interrupted table continues where it stopped; a run of another length
+(another --budget) is run again.
 
     python runs/preset_table.py --budget 120 --seeds 0 1 perf.autocast=bf16 perf.channels_last=true
 """
@@ -64,6 +65,24 @@ def run(config: Path, out: Path, iterations: int, seed: int, overrides: list[str
     return json.loads(summary.read_text())
 
 
+def iterations_within(budget: float, calibration: Path) -> int:
+    """How many iterations fit in `budget` seconds, by the finished calibration run in `calibration`.
+    The calibration and every run evaluate four times (settings), so the seconds its evaluations
+    took (`perf/eval_s`) are a fixed cost of each run, not a cost per iteration: a large student's
+    four passes over the test set took half of a 20-iteration calibration (WRN-16-1 on
+    Fashion-MNIST: about 100 of 196 s), which halved the iterations its runs were given."""
+    summary = json.loads((calibration / "summary.json").read_text())
+    metrics = calibration / "metrics.jsonl"
+    records = (
+        [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if metrics.exists()
+        else []
+    )
+    evaluating = sum(r.get("perf/eval_s", 0.0) for r in records)
+    per_iteration = max(summary["wall_s"] - evaluating, 1e-9) / summary["iterations"]
+    return max(1, int((budget - evaluating) / per_iteration))
+
+
 def row(name: str, config: str, iterations: int, overrides: list[str], runs: list[dict]) -> str:
     accs = [r["student_acc"] for r in runs]
     ratios = [r["student_acc"] / r["teacher_acc"] for r in runs]
@@ -108,10 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, stem in PRESETS[dataset]:
             config = RUNS / f"{stem}.yaml"
-            calibration = run(
-                config, args.out / f"{stem}_calibration", CALIBRATION_ITERATIONS, 0, args.overrides
-            )
-            iterations = max(1, int(args.budget * CALIBRATION_ITERATIONS / calibration["wall_s"]))
+            calibration = args.out / f"{stem}_calibration"
+            run(config, calibration, CALIBRATION_ITERATIONS, 0, args.overrides)
+            iterations = iterations_within(args.budget, calibration)
             runs = [run(config, args.out / f"{stem}_s{s}", iterations, s, args.overrides) for s in args.seeds]
             lines.append(row(name, f"runs/{stem}.yaml", iterations, args.overrides, runs))
             print(lines[-1], flush=True)

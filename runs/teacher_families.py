@@ -1,14 +1,14 @@
 """The default recipe across the teachers people hold: the teacher-family table in runs/RESULTS.md.
 
 Each teacher is trained by dfkd's teacher recipe (and cached), then distilled with the default
-recipe (dfkd/config.py: nothing set but data, teacher and student) within a fixed wall-clock
-budget: a 20-iteration calibration run measures the seconds one iteration takes here, and each
-seed runs the recipe's 1,000 iterations, or as many as the budget allows where that is fewer
-(`--fill-budget`: always as many as it allows, as runs/preset_table.py does). Longer is not
-better for every teacher: an MLP teacher's student peaks near 900 iterations of a 3,252-iteration
-run and then falls to 0.59 of the teacher (runs/RESULTS.md, "Teacher families"). Prints one
-markdown row per teacher (teacher, student mean and spread, ratio, iterations, wall time,
-command). Finished runs in --out are read back, not re-run.
+recipe (dfkd/config.py: nothing set but data, teacher and student) within a fixed wall-clock budget:
+a 20-iteration calibration run measures the seconds one iteration takes here (its evaluations
+counted apart, as a fixed cost of every run), and each seed runs the recipe's 1,000 iterations, or
+as many as the budget allows where that is fewer (`--fill-budget`: always as many as it allows, as
+runs/preset_table.py does). Longer is not better for every teacher: an MLP teacher's student peaks
+near 900 iterations of a 3,252-iteration run and then falls to 0.59 of the teacher (runs/RESULTS.md,
+"Teacher families"). Prints one markdown row per teacher (teacher, student mean and spread, ratio,
+iterations, wall time, command). Finished runs in --out are read back, not re-run.
 
     python runs/teacher_families.py --datasets mnist5k --seeds 0 1
     python runs/teacher_families.py --families resnet8 --budget 300 --seeds 0
@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from preset_table import CALIBRATION_ITERATIONS, row, run
+from preset_table import CALIBRATION_ITERATIONS, iterations_within, row, run
 
 from dfkd.config import load_config
 
@@ -93,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             overrides = family_overrides(dataset, teacher, student, args.overrides)
             folder = args.out / stem(dataset, teacher)
-            calibration = run(
-                BASE, folder.with_name(f"{folder.name}_calibration"), CALIBRATION_ITERATIONS, 0, overrides
-            )
-            fitting = max(1, int(budget * CALIBRATION_ITERATIONS / calibration["wall_s"]))
+            calibration = folder.with_name(f"{folder.name}_calibration")
+            run(BASE, calibration, CALIBRATION_ITERATIONS, 0, overrides)
+            fitting = iterations_within(budget, calibration)
             iterations = fitting if args.fill_budget else min(fitting, RECIPE_ITERATIONS)
             runs = [
                 run(BASE, folder.with_name(f"{folder.name}_s{s}"), iterations, s, overrides)

@@ -205,6 +205,17 @@ def teacher_families(monkeypatch):
     return teacher_families
 
 
+def test_calibration_counts_evaluations_as_a_fixed_cost_of_every_run(tmp_path, preset_table):
+    """WRN-16-2 -> WRN-16-1 on Fashion-MNIST: 20 iterations in 196 s, 100 s of them four evaluations
+    of the test set, which a run of any length also makes: 4.8 s per iteration, not 9.8."""
+    (tmp_path / "summary.json").write_text(json.dumps({"wall_s": 196.0, "iterations": 20}))
+    evals = [{"step": s, "eval/student_acc": 20.0, "perf/eval_s": 25.0} for s in (5, 10, 15, 20)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, [{"step": 20}, *evals])) + "\n")
+    assert preset_table.iterations_within(1800.0, tmp_path) == int((1800 - 100) / 4.8)
+    (tmp_path / "metrics.jsonl").unlink()  # a calibration from before perf/eval_s: all per iteration
+    assert preset_table.iterations_within(1800.0, tmp_path) == int(1800 / 9.8)
+
+
 def test_teacher_families_reads_finished_runs_back_and_prints_each_row(
     tmp_path, capsys, teacher_families, monkeypatch
 ):
@@ -248,3 +259,5 @@ def test_teacher_families_distils_the_users_own_cnn_file(tmp_path, teacher_famil
     assert "user_cnn.py:SmallCNN" in line
     summary = json.loads((tmp_path / "mnist5k_SmallCNN_s0" / "summary.json").read_text())
     assert summary["teacher_acc"] > 50 and summary["iterations"] >= 1
+    calibration = (tmp_path / "mnist5k_SmallCNN_calibration" / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(line).get("perf/eval_s", 0.0) for line in calibration) > 0
