@@ -70,7 +70,7 @@ def iterations_within(budget: float, calibration: Path) -> int:
     The calibration and every run evaluate four times (settings), so the seconds its evaluations
     took (`perf/eval_s`) are a fixed cost of each run, not a cost per iteration: a large student's
     four passes over the test set took half of a 20-iteration calibration (WRN-16-1 on
-    Fashion-MNIST: about 100 of 196 s), which halved the iterations its runs were given."""
+    Fashion-MNIST: 84 of 178 s), which halved the iterations its runs were given."""
     summary = json.loads((calibration / "summary.json").read_text())
     metrics = calibration / "metrics.jsonl"
     records = (

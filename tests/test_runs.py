@@ -206,8 +206,8 @@ def teacher_families(monkeypatch):
 
 
 def test_calibration_counts_evaluations_as_a_fixed_cost_of_every_run(tmp_path, preset_table):
-    """WRN-16-2 -> WRN-16-1 on Fashion-MNIST: 20 iterations in 196 s, 100 s of them four evaluations
-    of the test set, which a run of any length also makes: 4.8 s per iteration, not 9.8."""
+    """20 iterations in 196 s, 100 s of them four evaluations of the test set, which a run of any
+    length also makes: 4.8 s per iteration, not 9.8."""
     (tmp_path / "summary.json").write_text(json.dumps({"wall_s": 196.0, "iterations": 20}))
     evals = [{"step": s, "eval/student_acc": 20.0, "perf/eval_s": 25.0} for s in (5, 10, 15, 20)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, [{"step": 20}, *evals])) + "\n")
