@@ -34,6 +34,7 @@ from dfkd.spec import InputSpec
 
 # What makes dfkd's run execute exactly the plain loop's algorithm.
 PLAIN_ALGORITHM = {
+    "method.adapt_to_teacher": False,
     "method.reuse_samples": False,
     "train.student_ema": 0.0,
     "method.replay_size": 0,

@@ -67,7 +67,8 @@ def test_teacher_is_frozen_once(tiny, tmp_path, run_of):
 
 
 def test_generator_step_updates_only_the_generator(tiny, tmp_path, run_of):
-    game = run_of(tiny(), tmp_path).game
+    # the plain game: no prior in the generator's loss
+    game = run_of(tiny(method={"adapt_to_teacher": False}), tmp_path).game
     routes = Routes(game)
     student_before = [p.clone() for p in game.student.parameters()]
     gen_before = [p.clone() for p in game.generator.parameters()]

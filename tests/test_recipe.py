@@ -7,7 +7,7 @@ import yaml
 
 from dfkd.config import ExperimentConfig, load_config, with_settings
 from dfkd.models import build_classifier
-from dfkd.recipe import BATCHNORM_GAME, adapt_to_teachers
+from dfkd.recipe import BATCHNORM_GAME, PLAIN_GAME, adapt_to_teachers
 
 
 def teacher(arch):
@@ -46,13 +46,20 @@ def test_a_pool_with_one_batchnorm_teacher_is_adapted_and_counts_each_teachers_l
     assert cfg.generator.conditional and "teachers have BatchNorm layers (0, 3)" in notes[0]
 
 
-def test_teachers_without_batchnorm_keep_the_plain_game():
+def test_teachers_without_batchnorm_get_the_jitter_and_the_input_prior():
     for arch in ("lenet5", "mlp"):
-        cfg, notes = adapt_to_teachers(ExperimentConfig(), [teacher(arch)])
-        assert cfg == ExperimentConfig() and notes == []
+        cfg, (note,) = adapt_to_teachers(ExperimentConfig(), [teacher(arch)])
+        assert cfg == with_settings(ExperimentConfig(), PLAIN_GAME)
+        assert cfg.method.priors == {"input_kl": 1.0} and cfg.method.generator_shift == 2
+        assert not cfg.generator.conditional and cfg.method.replay_size == 0, "no part of the BatchNorm game"
+        assert note.startswith("the teacher has no BatchNorm layers: the plain game with jitter")
+        overrides = note.split(": ", 2)[2].split(";")[0].split(" ")
+        assert load_config(None, overrides) == cfg
     # BatchNorm layers that keep no running statistics describe no training data
     bare = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten())
-    assert adapt_to_teachers(ExperimentConfig(), [bare])[1] == []
+    assert adapt_to_teachers(ExperimentConfig(), [bare])[0] == with_settings(ExperimentConfig(), PLAIN_GAME)
+    _, (note,) = adapt_to_teachers(ExperimentConfig(), [teacher("lenet5"), teacher("mlp")])
+    assert note.startswith("no teacher has BatchNorm layers")
 
 
 def test_what_the_user_set_is_left_alone():
