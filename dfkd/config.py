@@ -147,6 +147,11 @@ class MethodConfig:
     # images whose class survives a small move. The replay memory keeps the shifted images.
     # 0 disables it.
     generator_shift: int = 0
+    # Likewise after the shift, each image turned by up to `generator_rotate` degrees and scaled by
+    # a factor within 1 ± `generator_scale` about its centre: the class must also survive a small
+    # turn and change of size, as a handwritten digit's does. 0 disables each.
+    generator_rotate: float = 0.0
+    generator_scale: float = 0.0
     # Student steps see each synthetic image shifted by up to this many pixels, with the teacher's
     # logits for the shifted image (one extra teacher forward per student step). 0 disables it.
     student_shift: int = 0

@@ -61,6 +61,8 @@ def check(cfg: ExperimentConfig) -> None:
         "train.rollback_lr_factor": (cfg.train.rollback_lr_factor, 0.0, 1.0, False, True),
         "train.collapse_threshold": (cfg.train.collapse_threshold, 0.0, 1.0, False, True),
         "method.student_mixup": (cfg.method.student_mixup, 0.0, 1.0, True, True),
+        "method.generator_rotate": (cfg.method.generator_rotate, 0.0, 180.0, True, True),
+        "method.generator_scale": (cfg.method.generator_scale, 0.0, 1.0, True, False),
         "method.generator_ema": (cfg.method.generator_ema, 0.0, 1.0, True, False),
         "method.generator_ema_mix": (cfg.method.generator_ema_mix, 0.0, 1.0, False, False),
         "method.contrast_crop": (cfg.method.contrast_crop, 0.0, 1.0, False, True),

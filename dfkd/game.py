@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from dfkd import distributed
-from dfkd.augment import random_translate
+from dfkd.augment import random_rotate_scale, random_translate
 from dfkd.batches import StudentBatches
 from dfkd.config import ExperimentConfig
 from dfkd.features import capture
@@ -210,6 +210,16 @@ class Game:
             with self.phases("teacher forward"):
                 return x.float(), self.teacher(x).float()
 
+    def jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """DeepInversion's jitter on a generator batch: each image shifted, then turned and scaled,
+        by its own random amount (as method.generator_shift / _rotate / _scale allow)."""
+        m = self.cfg.method
+        if m.generator_shift:
+            x = random_translate(x, m.generator_shift, self.latent_rng)
+        if m.generator_rotate or m.generator_scale:
+            x = random_rotate_scale(x, m.generator_rotate, m.generator_scale, self.latent_rng)
+        return x
+
     def generator_step(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """One ascent step; also returns its batch, detached, with the teacher's logits for reuse."""
         phase = self.phases
@@ -217,8 +227,7 @@ class Game:
             with phase("generator forward"):
                 z = self.sample_latent()
                 x = self.generator_player.forward(z)
-                if self.cfg.method.generator_shift:
-                    x = random_translate(x, self.cfg.method.generator_shift, self.latent_rng)
+                x = self.jitter(x)
             teacher_logits, taps = self.method.teacher_forward(self.teacher, x, phase)
             if self.latents.conditional:
                 taps["targets"] = self.latents.targets(z)

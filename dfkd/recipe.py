@@ -19,7 +19,8 @@ images and logits costs a fraction of a generator step through a large teacher, 
 run spends more of its time teaching. DeepInversion's jitter (each generator image shifted by up to
 two pixels before the teacher sees it) asks for images whose class survives a small move: without
 it the generator finds patterns the teacher reads at one position only, which teach the student
-little about real digits. Two departures from Fast-DFKD, measured on ResNet-8 and the home-made CNN
+little about real digits; each image is also turned by up to 15 degrees and scaled by up to 10 %,
+which asks the same of orientation and size (ResNet-8 and the home-made CNN two points each). Two departures from Fast-DFKD, measured on ResNet-8 and the home-made CNN
 (runs/RESULTS.md, "The BatchNorm game"): the generator keeps the default output in the valid pixel
 range, not DFAD's standardized one (ResNet-8 on Fashion-MNIST 56 -> 63 %), and batches are 128
 images, not 256: twice the iterations in the same time, which a slow teacher needs more than a
@@ -51,6 +52,8 @@ BATCHNORM_GAME: dict[str, Any] = {
     "method.n_generator_steps": 2,
     "method.n_student_steps": 20,
     "method.generator_shift": 2,
+    "method.generator_rotate": 15.0,
+    "method.generator_scale": 0.1,
     "method.replay_size": 50000,
     "generator_optim.lr": 0.005,
     "generator_optim.betas": [0.5, 0.999],

@@ -63,6 +63,8 @@ DEFAULTS = {
         "meta_generator": None,
         "replay_size": 0,
         "generator_shift": 0,
+        "generator_rotate": 0.0,
+        "generator_scale": 0.0,
         "student_shift": 0,
         "generator_ema": 0.0,
         "generator_ema_mix": 0.5,

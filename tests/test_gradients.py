@@ -127,7 +127,7 @@ def test_full_iteration_routes_each_loss_to_its_player(tiny, tmp_path, run_of):
         {"reuse_samples": True},
         {"replay_size": 64, "student_shift": 2, "student_flip": True, "student_mixup": 0.5},
         {"generator_ema": 0.5, "generator_ema_mix": 0.25},
-        {"generator_shift": 2},
+        {"generator_shift": 2, "generator_rotate": 15.0, "generator_scale": 0.1},
     ):
         run = run_of(tiny(method={**method, "n_student_steps": 2}), tmp_path)
         routes = Routes(run.game)
@@ -165,6 +165,24 @@ def test_the_generator_step_shows_the_teacher_each_image_shifted_by_its_own_offs
     with torch.no_grad(), game.autocast():
         relabelled = game.teacher(x).float()
     assert torch.allclose(t, relabelled, atol=1e-5), "the teacher's logits are for the shifted images"
+
+
+def test_the_generator_step_shows_the_teacher_each_image_turned_and_scaled(tiny, tmp_path, run_of):
+    from dfkd.augment import random_rotate_scale
+
+    method = {"generator_rotate": 15.0, "generator_scale": 0.1, "adapt_to_teacher": False}  # no shift
+    game = run_of(tiny(method=method), tmp_path).game
+    state = game.latent_rng.get_state()
+    with torch.no_grad(), game.autocast():
+        raw = game.generator(game.sample_latent()).float()
+    expected = random_rotate_scale(raw, 15.0, 0.1, game.latent_rng)  # the draws after the latent's
+    game.latent_rng.set_state(state)
+    _, (x, t) = game.generator_step()
+    assert torch.allclose(x, expected, atol=1e-5), "the step's images are the generator's, turned and scaled"
+    assert (x - raw).abs().max() > 0.5
+    with torch.no_grad(), game.autocast():
+        relabelled = game.teacher(x).float()
+    assert torch.allclose(t, relabelled, atol=1e-5), "the teacher's logits are for the turned images"
 
 
 def test_the_averaged_generator_supplies_its_share_of_each_student_batch(tiny, tmp_path, run_of):

@@ -36,6 +36,36 @@ def test_random_translate_moves_each_image_by_whole_pixels():
     assert torch.equal(out.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))
 
 
+def test_random_rotate_scale_turns_and_scales_each_image_about_its_centre():
+    from dfkd.augment import random_rotate_scale
+
+    x = torch.zeros(64, 1, 33, 33)
+    x[:, :, 16, 4:29] = 1.0  # a horizontal bar through the centre
+    same = random_rotate_scale(x, 0.0, 0.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, x, atol=1e-6), "no turn and no scaling leaves the images as they are"
+    out = random_rotate_scale(x, 30.0, 0.2, torch.Generator().manual_seed(0))
+    assert out[:, :, 16, 16].min() > 0.9, "the centre stays where it is"
+    rows, cols = torch.meshgrid(torch.arange(33.0) - 16, torch.arange(33.0) - 16, indexing="ij")
+    mass = out[:, 0].sum(dim=(1, 2))
+    angles = (
+        torch.rad2deg(
+            torch.atan2(-(out[:, 0] * rows * cols).sum(dim=(1, 2)), (out[:, 0] * cols**2).sum(dim=(1, 2)))
+        )
+        / 2
+    )
+    factors = (mass / 25).sqrt()  # a bar's area grows with the square of the scale
+    assert angles.abs().max() <= 31 and angles.std() > 5, (
+        "each image turns by its own angle within 30 degrees"
+    )
+    assert 0.77 < factors.min() and factors.max() < 1.23 and factors.std() > 0.03, (
+        "and scales by its own factor"
+    )
+    grad = torch.autograd.grad(
+        random_rotate_scale(x.requires_grad_(), 30.0, 0.2, torch.Generator()).sum(), x
+    )[0]
+    assert grad.abs().sum() > 0, "differentiable in the images"
+
+
 def test_random_hflip_mirrors_about_half_the_images():
     from dfkd.augment import random_hflip
 
