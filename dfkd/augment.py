@@ -54,7 +54,9 @@ def random_resized_crop(x: torch.Tensor, min_scale: float, generator: torch.Gene
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def random_rotate_scale(x: torch.Tensor, degrees: float, scale: float, generator: torch.Generator) -> torch.Tensor:
+def random_rotate_scale(
+    x: torch.Tensor, degrees: float, scale: float, generator: torch.Generator
+) -> torch.Tensor:
     """Each image rotated by its own angle in [-degrees, degrees] and scaled by its own factor in
     [1 - scale, 1 + scale] about its centre (bilinear, borders replicated). Differentiable in `x`.
     Sampled in float32 whatever the autocast: a bf16 grid misplaces pixels by a tenth of one."""

@@ -20,7 +20,8 @@ run spends more of its time teaching. DeepInversion's jitter (each generator ima
 two pixels before the teacher sees it) asks for images whose class survives a small move: without
 it the generator finds patterns the teacher reads at one position only, which teach the student
 little about real digits; each image is also turned by up to 15 degrees and scaled by up to 10 %,
-which asks the same of orientation and size (ResNet-8 and the home-made CNN two points each). Two departures from Fast-DFKD, measured on ResNet-8 and the home-made CNN
+which asks the same of orientation and size (ResNet-8 and the home-made CNN two points each).
+Two departures from Fast-DFKD, measured on ResNet-8 and the home-made CNN
 (runs/RESULTS.md, "The BatchNorm game"): the generator keeps the default output in the valid pixel
 range, not DFAD's standardized one (ResNet-8 on Fashion-MNIST 56 -> 63 %), and batches are 128
 images, not 256: twice the iterations in the same time, which a slow teacher needs more than a
