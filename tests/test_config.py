@@ -150,6 +150,8 @@ def test_int_widens_to_float_but_not_the_reverse(tmp_path):
         ("tracking:\n  mode: loud\n", r"tracking\.mode must be one of online, offline, disabled"),
         ("generator:\n  output: rgb\n", r"generator\.output must be one of standardized, pixels; got .rgb."),
         ("method:\n  student_mixup: 1.5\n", r"method\.student_mixup must be in \[0, 1\]"),
+        ("method:\n  generator_rotate: -5\n", r"method\.generator_rotate must be in \[0, 180\], got -5"),
+        ("method:\n  generator_scale: 1.0\n", r"method\.generator_scale must be in \[0, 1\), got 1\.0"),
         ("method:\n  reuse_samples: 1\n", r"method\.reuse_samples: expected bool"),
         ("- a\n- b\n", r"must hold a mapping"),
     ],
