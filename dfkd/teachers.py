@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +100,13 @@ def get_teacher(
     if path.is_file():
         model, meta = load_classifier(path, arch=cfg.arch, kwargs=cfg.kwargs)
     else:
+        if not progress:  # a long silent pause in a log otherwise (a WRN teacher takes an hour of a core)
+            print(
+                f"dfkd: training the teacher {cfg.arch} by dfkd's teacher recipe "
+                f"(teacher.epochs={cfg.epochs}); it is cached at {path}",
+                file=sys.stderr,
+                flush=True,
+            )
         start = time.perf_counter()
         model = train_classifier(cfg, dataset, device, progress)
         extra = {"kwargs": cfg.kwargs} if cfg.kwargs else {}  # a user's network is rebuilt with them

@@ -49,6 +49,16 @@ def test_demo_end_to_end_prints_the_table(tmp_path, capsys):
     assert (out / "config.yaml").exists()
 
 
+def test_a_teacher_trained_without_a_progress_bar_says_where_it_is_cached(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DFKD_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--out", str(tmp_path / "first"), "--iterations", "2", *TINY]) == 0
+    said = capsys.readouterr().err
+    assert "dfkd: training the teacher lenet5 by dfkd's teacher recipe (teacher.epochs=1)" in said
+    assert str(tmp_path / "cache" / "teachers") in said
+    assert main(["demo", "--out", str(tmp_path / "second"), "--iterations", "2", *TINY]) == 0
+    assert "training the teacher" not in capsys.readouterr().err, "a cached teacher is not trained again"
+
+
 def test_run_resume_and_refuse_to_clobber(tmp_path, capsys):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text("name: tiny\ntrain:\n  iterations: 2\n")
