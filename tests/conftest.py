@@ -24,6 +24,13 @@ def dfkd_cache(tmp_path_factory):
         os.environ["DFKD_CACHE"] = old
 
 
+def flush_wandb() -> None:
+    """Stop W&B's service, which writes a run's .wandb file out: run.finish() returns before it has."""
+    import wandb
+
+    wandb.teardown()
+
+
 def make_run(cfg: ExperimentConfig, run_dir, progress: bool = False, callback=None):
     """A run as `dfkd run` builds it, for tests that drive its parts."""
     from dfkd.assemble import assemble

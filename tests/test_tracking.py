@@ -5,6 +5,7 @@ import pytest
 
 from dfkd.config import TrackingConfig
 from dfkd.tracking import Tracker, resolve_mode
+from tests.conftest import flush_wandb
 
 
 def test_real_offline_wandb_run_writes_its_files(tiny, tmp_path, run_of, monkeypatch):
@@ -123,7 +124,5 @@ def test_online_without_network_falls_back_to_offline_in_bounded_time(tiny, tmp_
     assert time.perf_counter() - start < 90
     assert summary["iterations"] == 4
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
-    import wandb
-
-    wandb.teardown()  # run.finish() returns before the service has written the .wandb file out
+    flush_wandb()
     assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in offline.iterdir())

@@ -14,6 +14,7 @@ import torch
 
 from dfkd.config import TrackingConfig
 from dfkd.tracking import Tracker
+from tests.conftest import flush_wandb
 
 BLOCK = 32768  # a .wandb file is a log of 32 KiB blocks of checksummed chunks
 HEADER = 7  # the file's ":W&B" magic and version; likewise each chunk's checksum, length and type
@@ -182,9 +183,7 @@ def test_the_record_after_a_rollback_equals_metrics_jsonl(tiny, run_of, tmp_path
         warnings.simplefilter("error", UserWarning)  # no "W&B disabled" along the way
         run.fit()
     assert run.rollbacks == 1
-    import wandb
-
-    wandb.teardown()  # run.finish() returns before the service has written the .wandb file out
+    flush_wandb()
 
     record, expected = the_record(tmp_path), metrics_by_step(tmp_path)
     assert expected[4]["health/rollbacks"] == 1 and expected[4]["health/diverged_at"] == 6
