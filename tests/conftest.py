@@ -90,7 +90,8 @@ def pytest_terminal_summary(terminalreporter):
 # Fashion-MNIST ~1,220 (1,926 at 500 iterations), ResNet-8 985 at its former 600 iterations (the
 # BatchNorm game's 400 at batch 128 took 310 with bf16 beside another run, 2026-12-04; unmeasured
 # without bf16, about 600 expected),
-# gpu_check 76 | pool 786, GAN-KD 741, demo 666, bench 123.
+# gpu_check 76 | pool 786, GAN-KD 741, demo 666, bench 123, the MLP's 500 iterations ~100 with bf16
+# beside another run (2026-12-05; unmeasured without bf16).
 FIRST_HALF = {
     "test_fashion_mnist_recipe_keeps_its_measured_level",
     "test_a_resnet8_teacher_gets_the_batchnorm_recipe_and_distils_beyond_the_plain_game",
