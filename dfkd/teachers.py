@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,10 @@ def recipe_key(data: DataConfig, teacher: TeacherConfig) -> str:
     if not recipe["teacher"]["kwargs"]:  # keys of recipes without kwargs stay as they were
         recipe["teacher"].pop("kwargs")
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{data.name}-{teacher.arch}-{digest}"
+    # A user's arch is a path and a class ("runs/user_cnn.py:SmallCNN"): the file name keeps it
+    # readable but flat, so no arch can put the file outside the cache or in a folder of its own.
+    arch = re.sub(r"[^\w.-]+", "_", teacher.arch)
+    return f"{data.name}-{arch}-{digest}"
 
 
 def train_classifier(

@@ -509,3 +509,15 @@ def test_check_runs_names_the_shape_it_gives():
     )
     net = small_net().train()
     assert check_runs(net, SHAPE, "x") == 10 and net.training  # the mode is restored
+
+
+def test_a_user_arch_is_cached_in_one_flat_file_name():
+    from dfkd.config import DataConfig, TeacherConfig
+    from dfkd.teachers import recipe_key
+
+    key = recipe_key(DataConfig(), TeacherConfig(arch="../../elsewhere/net.py:Net"))
+    assert "/" not in key and ":" not in key and key.startswith(f"{DataConfig().name}-")
+    # arches that flatten alike stay apart by the recipe's digest
+    assert recipe_key(DataConfig(), TeacherConfig(arch="a/b.py:N")) != recipe_key(
+        DataConfig(), TeacherConfig(arch="a_b.py_N")
+    )
