@@ -91,7 +91,7 @@ def pytest_terminal_summary(terminalreporter):
 # BatchNorm game's 400 at batch 128 took 310 with bf16 beside another run, 2026-12-04; unmeasured
 # without bf16, about 600 expected),
 # gpu_check 76 | pool 786, GAN-KD 741, demo 666, bench 123, the MLP's 500 iterations ~100 with bf16
-# beside another run (2026-12-05; unmeasured without bf16).
+# beside another run, 164 in float32 (2026-12-05).
 FIRST_HALF = {
     "test_fashion_mnist_recipe_keeps_its_measured_level",
     "test_a_resnet8_teacher_gets_the_batchnorm_recipe_and_distils_beyond_the_plain_game",
