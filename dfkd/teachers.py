@@ -105,11 +105,10 @@ def get_teacher(
         model, meta = load_classifier(path, arch=cfg.arch, kwargs=cfg.kwargs)
     else:
         if not progress:  # a long silent pause in a log otherwise (a WRN teacher takes an hour of a core)
-            print(
+            tqdm.write(
                 f"dfkd: training the teacher {cfg.arch} by dfkd's teacher recipe "
                 f"(teacher.epochs={cfg.epochs}); it is cached at {path}",
                 file=sys.stderr,
-                flush=True,
             )
         start = time.perf_counter()
         model = train_classifier(cfg, dataset, device, progress)
