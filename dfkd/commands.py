@@ -113,6 +113,7 @@ def cmd_run(cfg, args) -> int:
             f"({cfg.student.arch}, best {s['best_student_acc']:.2f})"
         )
         print(f"{'ratio':<14}{s['ratio']:7.3f}")
+        print(f"{'weakest class':<14}{weakest_class(s['class_acc'])}")
     print(
         f"{'wall time':<14}{s['wall_s']:7.1f} s  "
         f"({s['iterations']} iterations, {s['images_per_s']:.0f} images/s)"
@@ -120,6 +121,14 @@ def cmd_run(cfg, args) -> int:
     print(f"{'run dir':<14}{out}")
     print(f"{'W&B':<14}{wandb_hint(out, cfg)}")
     return 0
+
+
+def weakest_class(class_acc: dict) -> str:
+    """The class where the student trails the teacher most, as the run's table prints it."""
+    student, teacher = class_acc["student"], class_acc["teacher"]
+    present = [c for c, acc in enumerate(student) if acc is not None]
+    c = max(present, key=lambda k: teacher[k] - student[k])  # the first of equal gaps
+    return f"{student[c]:7.2f} %  (class {c}; teacher {teacher[c]:.2f}; every class: summary.json class_acc)"
 
 
 def wandb_hint(out: Path, cfg) -> str:

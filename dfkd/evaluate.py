@@ -26,6 +26,13 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return 100.0 * int((a == b).sum()) / len(a) if len(a) else 0.0
 
 
+def class_accuracies(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Per class, the percent of its images predicted as it (None for a class with no images)."""
+    hits = torch.bincount(labels[preds == labels], minlength=num_classes)
+    counts = torch.bincount(labels, minlength=num_classes)
+    return [round(100.0 * int(h) / int(c), 2) if c else None for h, c in zip(hits, counts)]
+
+
 def accuracy(
     model: nn.Module, split: Split, device: torch.device | str = "cpu", batch_size: int = 1000
 ) -> float:

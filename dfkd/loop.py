@@ -331,6 +331,8 @@ class Run:
         summary = report.summary(
             acc, self.iterations_done, self.wall_s, game.images_per_iteration, archs, parts.teacher_files
         )
+        if report.real:
+            summary["class_acc"] = report.class_accuracies(game.deployed_student)
         summary["adaptations"] = self.adaptations
         summary["perf"] = {"settings": dataclasses.asdict(self.cfg.perf), "chosen": self.perf_choice}
         if not self.main:

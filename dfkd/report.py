@@ -18,7 +18,7 @@ from torchvision.utils import save_image
 
 from dfkd.data import Split
 from dfkd.errors import DfkdError
-from dfkd.evaluate import accuracy, agreement, predictions
+from dfkd.evaluate import accuracy, agreement, class_accuracies, predictions
 from dfkd.latents import LatentSpace
 from dfkd.pool import TeacherPool
 from dfkd.spec import InputSpec
@@ -128,6 +128,16 @@ class Report:
         if raw_student is not None:
             evals["eval/raw_student_acc"] = accuracy(raw_student, split, self.device)
         return evals
+
+    def class_accuracies(self, student: nn.Module) -> dict[str, list[float | None]]:
+        """Per class, in class order, the student's accuracy on the real images and the best single
+        teacher's: which classes the synthetic images fail to teach."""
+        split, n = self.evaluation.split, self.spec.num_classes
+        best = self.teacher_preds[self.teacher_accs.index(self.teacher_acc)]
+        return {
+            "student": class_accuracies(predictions(student, split, self.device), split.labels, n),
+            "teacher": class_accuracies(best, split.labels, n),
+        }
 
     @torch.no_grad()
     def save_samples(self, generator: nn.Module, step: int) -> Path:

@@ -11,7 +11,7 @@ from PIL import Image
 import dfkd
 from dfkd.data import MNIST_INFO, load_dataset
 from dfkd.errors import DfkdError
-from dfkd.evaluate import accuracy
+from dfkd.evaluate import accuracy, class_accuracies
 from dfkd.models import build_classifier
 from dfkd.teachers import get_teacher
 
@@ -71,9 +71,19 @@ def test_distill_a_module_teacher_into_a_module_student(teacher_and_test, tmp_pa
     expected = accuracy(teacher, data.test)  # the same 1,000 digits through dfkd's own loader
     assert result.summary["teacher_acc"] == pytest.approx(expected, abs=0.11)
     assert result.summary["student_acc"] == pytest.approx(accuracy(student, data.test), abs=0.11)
+    per_class = result.summary["class_acc"]  # 100 digits a class: the means are the accuracies
+    assert len(per_class["student"]) == len(per_class["teacher"]) == 10
+    assert sum(per_class["student"]) / 10 == pytest.approx(result.summary["student_acc"], abs=0.01)
+    assert sum(per_class["teacher"]) / 10 == pytest.approx(result.summary["teacher_acc"], abs=0.01)
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == result.summary
     saved = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in saved["state_dict"].items())
+
+
+def test_class_accuracies_count_each_class_apart_and_skip_an_absent_one():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 3])
+    preds = torch.tensor([0, 0, 0, 1, 0, 0, 3])
+    assert class_accuracies(preds, labels, 4) == [75.0, 0.0, None, 100.0]
 
 
 def test_load_student_returns_a_ready_module_and_its_input_spec(teacher_and_test, tmp_path):
@@ -129,7 +139,7 @@ def test_with_no_evaluation_data_the_summary_says_no_real_accuracy_exists(teache
     s = result.summary
     assert s["teacher_acc"] is None and s["student_acc"] is None and s["ratio"] is None
     assert 0.0 <= s["synthetic_agreement"] <= 100.0
-    assert "no real-data accuracy exists" in s["evaluated_on"]
+    assert "no real-data accuracy exists" in s["evaluated_on"] and "class_acc" not in s
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     agreements = [r["eval/synthetic_agreement"] for r in records if "eval/synthetic_agreement" in r]
     assert len(agreements) == 2 and not any("eval/student_acc" in r for r in records)

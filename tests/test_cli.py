@@ -32,9 +32,12 @@ def test_demo_end_to_end_prints_the_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--iterations", "4", *TINY]) == 0
     printed = capsys.readouterr().out
-    for label in ["teacher acc", "student acc", "ratio", "wall time", "run dir", "W&B"]:
+    for label in ["teacher acc", "student acc", "ratio", "weakest class", "wall time", "run dir", "W&B"]:
         assert label in printed
     summary = json.loads((out / "summary.json").read_text())
+    student, teacher = summary["class_acc"]["student"], summary["class_acc"]["teacher"]
+    c = max(range(10), key=lambda k: teacher[k] - student[k])
+    assert f"{student[c]:7.2f} %  (class {c};" in printed
     assert summary["iterations"] == 4
     # the printed table is the summary's figures, and the summary is the saved student's accuracy
     assert f"{summary['student_acc']:7.2f} %" in printed and f"{summary['ratio']:7.3f}" in printed
