@@ -326,13 +326,13 @@ class Run:
 
     def finish(self, tracker: Tracker) -> dict:
         game, report, parts = self.game, self.report, self.parts
-        acc = report.score(game.deployed_student, game.generator)
+        acc, per_class = report.final_score(game.deployed_student, game.generator)
         archs = [meta["arch"] for meta in game.pool.metas]
         summary = report.summary(
             acc, self.iterations_done, self.wall_s, game.images_per_iteration, archs, parts.teacher_files
         )
-        if report.real:
-            summary["class_acc"] = report.class_accuracies(game.deployed_student)
+        if per_class is not None:
+            summary["class_acc"] = per_class
         summary["adaptations"] = self.adaptations
         summary["perf"] = {"settings": dataclasses.asdict(self.cfg.perf), "chosen": self.perf_choice}
         if not self.main:

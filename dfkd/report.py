@@ -129,15 +129,19 @@ class Report:
             evals["eval/raw_student_acc"] = accuracy(raw_student, split, self.device)
         return evals
 
-    def class_accuracies(self, student: nn.Module) -> dict[str, list[float | None]]:
-        """Per class, in class order, the student's accuracy on the real images and the best single
-        teacher's: which classes the synthetic images fail to teach."""
+    def final_score(self, student: nn.Module, generator: nn.Module) -> tuple[float, dict | None]:
+        """`score`, and with real images each class's accuracy, the student's and the best single
+        teacher's, in class order (which classes the synthetic images fail to teach), from one pass."""
+        if not self.real:
+            return self.score(student, generator), None
         split, n = self.evaluation.split, self.spec.num_classes
+        preds = predictions(student, split, self.device)
         best = self.teacher_preds[self.teacher_accs.index(self.teacher_acc)]
-        return {
-            "student": class_accuracies(predictions(student, split, self.device), split.labels, n),
+        per_class = {
+            "student": class_accuracies(preds, split.labels, n),
             "teacher": class_accuracies(best, split.labels, n),
         }
+        return agreement(preds, split.labels), per_class
 
     @torch.no_grad()
     def save_samples(self, generator: nn.Module, step: int) -> Path:

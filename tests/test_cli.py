@@ -28,6 +28,13 @@ TINY = [
 ]
 
 
+def test_the_weakest_class_is_the_largest_gap_to_the_teacher_the_first_of_equal_ones():
+    from dfkd.commands import weakest_class
+
+    line = weakest_class({"student": [90.0, None, 80.0, 85.0], "teacher": [95.0, None, 90.0, 95.0]})
+    assert line.startswith("  80.00 %  (class 2; teacher 90.00;")
+
+
 def test_demo_end_to_end_prints_the_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--iterations", "4", *TINY]) == 0
