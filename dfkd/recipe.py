@@ -55,7 +55,7 @@ BATCHNORM_GAME: dict[str, Any] = {
     "method.generator_shift": 2,
     "method.generator_rotate": 15.0,
     "method.generator_scale": 0.1,
-    "method.replay_size": 50000,
+    "method.replay_size": 20000,
     "generator_optim.lr": 0.005,
     "generator_optim.betas": [0.5, 0.999],
     "generator_optim.schedule": "constant",

@@ -18,7 +18,7 @@ def test_a_batchnorm_teacher_gets_the_batchnorm_game():
     cfg, notes = adapt_to_teachers(ExperimentConfig(), [teacher("resnet8")])
     assert cfg == with_settings(ExperimentConfig(), BATCHNORM_GAME)
     assert cfg.method.priors == {"bn": 10.0, "target": 0.5} and cfg.generator.conditional
-    assert cfg.method.n_generator_steps == 2 and cfg.method.replay_size == 50000
+    assert cfg.method.n_generator_steps == 2 and cfg.method.replay_size == 20000
     # half the default batch (twice the iterations), and the default output in the pixel range
     assert cfg.train.batch_size == 128 and cfg.generator.output == "pixels"
     (note,) = notes
