@@ -16,7 +16,9 @@ better): the teacher's BatchNorm statistics to match, a class drawn at random fo
 image and coded into the latent, two generator steps per iteration at a higher rate, and a replay
 memory the student learns from, twenty student steps per iteration: a student step on stored
 images and logits costs a fraction of a generator step through a large teacher, so a slow teacher's
-run spends more of its time teaching. DeepInversion's jitter (each generator image shifted by up to
+run spends more of its time teaching. The memory holds the last 20,000 images (about 156
+iterations): one of 50,000 keeps more images of a generator that has since moved on, and read
+WRN-16-1 three points lower. DeepInversion's jitter (each generator image shifted by up to
 two pixels before the teacher sees it) asks for images whose class survives a small move: without
 it the generator finds patterns the teacher reads at one position only, which teach the student
 little about real digits; each image is also turned by up to 15 degrees and scaled by up to 10 %,
