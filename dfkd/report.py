@@ -88,10 +88,8 @@ class Report:
             out["teacher/ensemble_acc"] = accuracy(self.pool.ensemble(), self.evaluation.split, self.device)
         return out
 
-    def score(self, student: nn.Module, generator: nn.Module) -> float:
-        """Accuracy on the real images, or else agreement with the teachers on held-out synthetic ones."""
-        if self.real:
-            return accuracy(student, self.evaluation.split, self.device)
+    def synthetic_agreement(self, student: nn.Module, generator: nn.Module) -> float:
+        """Without real images: the student's agreement with the teachers on held-out synthetic ones."""
         split = self.synthetic_split(generator)
         return agreement(predictions(student, split, self.device), split.labels)
 
@@ -109,7 +107,7 @@ class Report:
     ) -> dict[str, float]:
         """Metrics of the deployed student (and of the live one, when the deployed is an average)."""
         if not self.real:
-            acc = self.score(student, generator)
+            acc = self.synthetic_agreement(student, generator)
             self.best_acc = max(self.best_acc, acc)
             return {"eval/synthetic_agreement": acc, "eval/best_synthetic_agreement": self.best_acc}
         split = self.evaluation.split
@@ -130,10 +128,11 @@ class Report:
         return evals
 
     def final_score(self, student: nn.Module, generator: nn.Module) -> tuple[float, dict | None]:
-        """`score`, and with real images each class's accuracy, the student's and the best single
-        teacher's, in class order (which classes the synthetic images fail to teach), from one pass."""
+        """The student's accuracy on the real images and each class's accuracy, the student's and the
+        best single teacher's, in class order (which classes the synthetic images fail to teach), from
+        one pass; without real images, its synthetic agreement and None."""
         if not self.real:
-            return self.score(student, generator), None
+            return self.synthetic_agreement(student, generator), None
         split, n = self.evaluation.split, self.spec.num_classes
         preds = predictions(student, split, self.device)
         best = self.teacher_preds[self.teacher_accs.index(self.teacher_acc)]
