@@ -34,6 +34,10 @@ from dfkd.tracking import NullTracker, Tracker
 # callback(step, metrics) at every log step; returning False ends the run there.
 Callback = Callable[[int, dict], "bool | None"]
 
+# No student is judged "not learning" before this many iterations: a healthy game's first
+# evaluations (those of a 20-iteration calibration run, say) read near chance.
+JUDGE_LEARNING_AFTER = 50
+
 
 def warn(message: str) -> None:
     tqdm.write(f"dfkd: warning: {message}", file=sys.stderr)
@@ -288,10 +292,11 @@ class Run:
         )
 
     def _check_learning(self, evals: dict[str, float], step: int) -> float:
-        """1.0 when, past a quarter of the run, the student still scores near chance while the
-        teacher is far above it (a learning rate far too high, most often); warns once."""
+        """1.0 when, past a quarter of the run and JUDGE_LEARNING_AFTER iterations, the student still
+        scores near chance while the teacher is far above it (a learning rate far too high, most
+        often); warns once."""
         report = self.report
-        if not report.real or step < self.cfg.train.iterations / 4:
+        if not report.real or step < max(self.cfg.train.iterations / 4, JUDGE_LEARNING_AFTER):
             return 0.0
         chance = 100.0 / self.parts.spec.num_classes
         near = evals["eval/student_acc"] < chance + 0.1 * (report.teacher_acc - chance)
