@@ -216,17 +216,17 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tiny, tmp_path, run_of):
 
 
 def test_a_student_that_learns_nothing_is_reported(tiny, tmp_path, run_of, capsys):
-    every = {"log_every": 25, "eval_every": 25, "sample_every": 100, "checkpoint_every": 100}
-    cfg = tiny(train={"iterations": 100, **every}, student_optim={"lr": 1e6})
+    every = {"log_every": 20, "eval_every": 20, "sample_every": 60, "checkpoint_every": 60}
+    cfg = tiny(train={"iterations": 60, **every}, student_optim={"lr": 1e6})
     summary = run_of(cfg, tmp_path).fit()
     assert summary["student_acc"] < 20
     flags = [r["health/student_near_chance"] for r in records(tmp_path) if "health/student_near_chance" in r]
-    assert flags == [0.0, 1.0, 1.0, 1.0]  # judged from JUDGE_LEARNING_AFTER (50) iterations on
+    assert flags == [0.0, 0.0, 1.0]  # judged from JUDGE_LEARNING_AFTER (50) iterations on
     assert "near chance" in capsys.readouterr().err
     short = tiny(train={"iterations": 20, **every, "eval_every": 5}, student_optim={"lr": 1e6})
     run_of(short, tmp_path / "short").fit()
     assert "near chance" not in capsys.readouterr().err  # too early to judge
-    healthy = run_of(tiny(train={"iterations": 100, **every}), tmp_path / "healthy")
+    healthy = run_of(tiny(train={"iterations": 60, **every}), tmp_path / "healthy")
     healthy.report.evaluate = lambda *a: {"eval/student_acc": 80.0}  # a student far above chance
     healthy.fit()
     assert all(r.get("health/student_near_chance", 0.0) == 0.0 for r in records(tmp_path / "healthy"))
