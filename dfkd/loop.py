@@ -59,7 +59,7 @@ class Run:
         callback: Callback | None = None,
     ):
         self.main = distributed.is_main()
-        cfg, self.adaptations = adapt_to_teachers(cfg, parts.pool.models)
+        cfg, self.adaptations = adapt_to_teachers(cfg, parts.pool.models, parts.student, parts.spec)
         perf, self.perf_choice = choose_perf(cfg.perf, probe(parts.device))
         cfg = dataclasses.replace(cfg, perf=perf)
         self.cfg, self.run_dir, self.progress, self.callback = (

@@ -2,20 +2,31 @@
 
 import json
 
+import torch
 import torch.nn as nn
 import yaml
 
 from dfkd.config import ExperimentConfig, load_config, with_settings
 from dfkd.models import build_classifier
 from dfkd.recipe import BATCHNORM_GAME, PLAIN_GAME, adapt_to_teachers
+from dfkd.spec import InputSpec
+
+SPEC = InputSpec(channels=1, size=32, num_classes=10, mean=(0.1307,), std=(0.3081,))
 
 
 def teacher(arch):
     return build_classifier(arch, in_channels=1, num_classes=10, image_size=32)
 
 
+STUDENT = teacher("lenet5_half")
+
+
+def adapt(cfg, teachers, student=STUDENT):
+    return adapt_to_teachers(cfg, teachers, student, SPEC)
+
+
 def test_a_batchnorm_teacher_gets_the_batchnorm_game():
-    cfg, notes = adapt_to_teachers(ExperimentConfig(), [teacher("resnet8")])
+    cfg, notes = adapt(ExperimentConfig(), [teacher("resnet8")])
     assert cfg == with_settings(ExperimentConfig(), BATCHNORM_GAME)
     assert cfg.method.priors == {"bn": 10.0, "target": 0.5} and cfg.generator.conditional
     assert cfg.method.n_generator_steps == 2 and cfg.method.replay_size == 20000
@@ -28,27 +39,54 @@ def test_a_batchnorm_teacher_gets_the_batchnorm_game():
 
 
 def test_the_note_is_a_list_of_overrides_that_reproduce_the_adapted_config():
-    cfg, (note,) = adapt_to_teachers(ExperimentConfig(), [teacher("resnet8")])
+    cfg, (note,) = adapt(ExperimentConfig(), [teacher("resnet8")])
     overrides = note.split(": ", 2)[2].split(";")[0].split(" ")
     assert load_config(None, overrides) == cfg
 
 
 def test_settings_the_user_gave_are_kept_and_the_rest_adapted():
     given = with_settings(ExperimentConfig(), {"method.n_generator_steps": 3, "generator_optim.lr": 1e-4})
-    cfg, (note,) = adapt_to_teachers(given, [teacher("resnet8")])
+    cfg, (note,) = adapt(given, [teacher("resnet8")])
     assert cfg.method.n_generator_steps == 3 and cfg.generator_optim.lr == 1e-4
     assert cfg.generator.conditional and cfg.method.priors == BATCHNORM_GAME["method.priors"]
     assert "kept as given: method.n_generator_steps=3 generator_optim.lr=0.0001" in note
 
 
+def test_a_student_as_costly_as_its_teacher_gets_fewer_steps_and_a_small_one_keeps_all():
+    # a generator step runs generator (14.9 MFLOPs an image), teacher and student; a student step,
+    # the student alone: half of 2 x (14.9 + 202 + 52.7) / 52.7 = 5.1 steps for WRN-16-2 -> WRN-16-1
+    cfg, (note,) = adapt(ExperimentConfig(), [teacher("wrn16_2")], teacher("wrn16_1"))
+    assert cfg.method.n_student_steps == 5
+    assert "method.n_student_steps=5 keeps the student's FLOPs within 0.5 of the generator's" in note
+    assert "generator 14.9 teacher 202 student 52.7" in note
+    assert adapt(ExperimentConfig(), [teacher("resnet8")])[0].method.n_student_steps == 20
+    # a student far larger than its teacher still learns every iteration
+    cfg, _ = adapt(ExperimentConfig(), [teacher("lenet5_bn")], teacher("wrn16_2"))
+    assert cfg.method.n_student_steps == 1
+
+
+def test_steps_the_user_gave_are_kept_and_counting_the_cost_moves_no_state():
+    given = with_settings(ExperimentConfig(), {"method.n_student_steps": 7})
+    cfg, (note,) = adapt(given, [teacher("wrn16_2")], teacher("wrn16_1"))
+    assert cfg.method.n_student_steps == 7 and "kept as given: method.n_student_steps=7" in note
+    assert "keeps the student's FLOPs" not in note
+    student = build_classifier("resnet8", in_channels=1, num_classes=10, image_size=32).train()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    teachers = [teacher("wrn16_1")]
+    rng = torch.random.get_rng_state()
+    adapt(ExperimentConfig(), teachers, student)
+    assert torch.equal(rng, torch.random.get_rng_state()), "the run's draws are those of an unadapted run"
+    assert student.training and all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
 def test_a_pool_with_one_batchnorm_teacher_is_adapted_and_counts_each_teachers_layers():
-    cfg, notes = adapt_to_teachers(ExperimentConfig(), [teacher("lenet5"), teacher("lenet5_bn")])
+    cfg, notes = adapt(ExperimentConfig(), [teacher("lenet5"), teacher("lenet5_bn")])
     assert cfg.generator.conditional and "teachers have BatchNorm layers (0, 3)" in notes[0]
 
 
 def test_teachers_without_batchnorm_get_the_jitter_and_the_input_prior():
     for arch in ("lenet5", "mlp"):
-        cfg, (note,) = adapt_to_teachers(ExperimentConfig(), [teacher(arch)])
+        cfg, (note,) = adapt(ExperimentConfig(), [teacher(arch)])
         assert cfg == with_settings(ExperimentConfig(), PLAIN_GAME)
         assert cfg.method.priors == {"input_kl": 1.0} and cfg.method.generator_shift == 2
         assert not cfg.generator.conditional and cfg.method.replay_size == 0, "no part of the BatchNorm game"
@@ -57,8 +95,8 @@ def test_teachers_without_batchnorm_get_the_jitter_and_the_input_prior():
         assert load_config(None, overrides) == cfg
     # BatchNorm layers that keep no running statistics describe no training data
     bare = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten())
-    assert adapt_to_teachers(ExperimentConfig(), [bare])[0] == with_settings(ExperimentConfig(), PLAIN_GAME)
-    _, (note,) = adapt_to_teachers(ExperimentConfig(), [teacher("lenet5"), teacher("mlp")])
+    assert adapt(ExperimentConfig(), [bare])[0] == with_settings(ExperimentConfig(), PLAIN_GAME)
+    _, (note,) = adapt(ExperimentConfig(), [teacher("lenet5"), teacher("mlp")])
     assert note.startswith("no teacher has BatchNorm layers")
 
 
@@ -69,7 +107,7 @@ def test_what_the_user_set_is_left_alone():
         {"method.adapt_to_teacher": False},
     ):
         given = with_settings(ExperimentConfig(), settings)
-        assert adapt_to_teachers(given, [teacher("resnet8")]) == (given, [])
+        assert adapt(given, [teacher("resnet8")]) == (given, [])
 
 
 def test_a_run_prints_records_and_writes_its_adaptation(tiny, tmp_path, run_of, capsys):
