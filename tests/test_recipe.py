@@ -8,7 +8,7 @@ import yaml
 
 from dfkd.config import ExperimentConfig, load_config, with_settings
 from dfkd.models import build_classifier
-from dfkd.recipe import BATCHNORM_GAME, PLAIN_GAME, adapt_to_teachers
+from dfkd.recipe import BATCHNORM_GAME, PLAIN_GAME, adapt_to_teachers, forward_flops
 from dfkd.spec import InputSpec
 
 SPEC = InputSpec(channels=1, size=32, num_classes=10, mean=(0.1307,), std=(0.3081,))
@@ -63,6 +63,13 @@ def test_a_student_as_costly_as_its_teacher_gets_fewer_steps_and_a_small_one_kee
     # a student far larger than its teacher still learns every iteration
     cfg, _ = adapt(ExperimentConfig(), [teacher("lenet5_bn")], teacher("wrn16_2"))
     assert cfg.method.n_student_steps == 1
+
+
+def test_a_torchscript_teacher_costs_what_its_network_does():
+    net = teacher("resnet8").eval()
+    scripted = torch.jit.trace(net, torch.zeros(1, 1, 32, 32))
+    image = torch.zeros(1, 1, 32, 32)
+    assert forward_flops(scripted, image) == forward_flops(net, image) == 24_413_440
 
 
 def test_steps_the_user_gave_are_kept_and_counting_the_cost_moves_no_state():
