@@ -48,15 +48,30 @@ def capture(
             handle.remove()
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights live (the CPU for one without any)."""
+    return next(iter(model.parameters()), torch.zeros(0)).device
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block (no BatchNorm statistics move); afterwards each module
+    is back in its own mode, a BatchNorm the user froze in eval mode included."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...]]]:
     """(path, module type, output shape) for every named module, from one forward of zeros."""
     names = [name for name, _ in model.named_modules() if name]
-    was_training = model.training
-    model.eval()
-    with capture(model, names) as feats:
-        model(torch.zeros(1, *input_shape, device=next(iter(model.parameters()), torch.zeros(0)).device))
-    model.train(was_training)
+    with evaluating(model), capture(model, names) as feats:
+        model(torch.zeros(1, *input_shape, device=device_of(model)))
     modules = dict(model.named_modules())
     return [
         (n, type(modules[n]).__name__, tuple(feats[n].shape[1:]))

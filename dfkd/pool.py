@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from dfkd.config import PoolConfig
 from dfkd.errors import DfkdError
+from dfkd.features import device_of
 from dfkd.registry import Registry
 from dfkd.spec import InputSpec
 
@@ -129,7 +130,7 @@ def renormalize_inputs(model: nn.Module, data_mean, data_std, own_mean, own_std)
     keeps the layer paths those of the model itself; returns (the model to use, the hook's handle
     to remove when the run ends, or None where the model is wrapped instead)."""
     shape = (1, -1, 1, 1)
-    device = next(iter(model.parameters()), torch.zeros(0)).device
+    device = device_of(model)
     dm, ds, om, os_ = (
         torch.tensor(v, dtype=torch.float32, device=device).view(shape)
         for v in (data_mean, data_std, own_mean, own_std)

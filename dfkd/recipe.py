@@ -16,20 +16,20 @@ class drawn at random for every synthetic image and coded into the latent, two g
 iteration at a higher rate, and a replay memory the student learns from, twenty student steps per
 iteration: a student step on stored images and logits costs a fraction of a generator step through
 a large teacher, so a slow teacher's run spends more of its time teaching. A student whose twenty
-steps would cost more than half the generator's FLOPs takes fewer (`student_steps_within`): a
-WRN-16-1 learning from a WRN-16-2 would spend two thirds of each iteration on images it has seen,
-and learns more from more new ones (five steps). The memory holds the last 20,000 images (about 156
-iterations): one of 50,000 keeps more images of a generator that has since moved on, and read
-WRN-16-1 three points lower. DeepInversion's jitter (each generator image shifted by up to two
-pixels before the teacher sees it) asks for images whose class survives a small move: without it
-the generator finds patterns the teacher reads at one position only, which teach the student little
-about real digits; each image is also turned by up to 15 degrees and scaled by up to 10 %, which
-asks the same of orientation and size (ResNet-8 and the home-made CNN two points each). Two
-departures from Fast-DFKD, measured on ResNet-8 and the home-made CNN (runs/RESULTS.md, "The
-BatchNorm game"): the generator keeps the default output in the valid pixel range, not DFAD's
-standardized one (ResNet-8 on Fashion-MNIST 56 -> 63 %), and batches are 128 images, not 256: twice
-the iterations in the same time, which a slow teacher needs more than a larger batch (WRN-16-1 0.67
--> 0.77 of the teacher in 600 s of one core).
+steps would cost more than half the generator steps' forward FLOPs takes fewer
+(`student_steps_within`): a WRN-16-1 learning from a WRN-16-2 would spend two thirds of each
+iteration on images it has seen, and learns more from more new ones (five steps). The memory holds
+the last 20,000 images (about 156 iterations): one of 50,000 keeps more images of a generator that
+has since moved on, and read WRN-16-1 three points lower. DeepInversion's jitter (each generator
+image shifted by up to two pixels before the teacher sees it) asks for images whose class survives
+a small move: without it the generator finds patterns the teacher reads at one position only, which
+teach the student little about real digits; each image is also turned by up to 15 degrees and
+scaled by up to 10 %, which asks the same of orientation and size (ResNet-8 and the home-made CNN
+two points each). Two departures from Fast-DFKD, measured on ResNet-8 and the home-made CNN
+(runs/RESULTS.md, "The BatchNorm game"): the generator keeps the default output in the valid pixel
+range, not DFAD's standardized one (ResNet-8 on Fashion-MNIST 56 -> 63 %), and batches are 128
+images, not 256: twice the iterations in the same time, which a slow teacher needs more than a
+larger batch (WRN-16-1 0.67 -> 0.77 of the teacher in 600 s of one core).
 
 Only settings the user left at their defaults are adapted (one given at its default value counts
 as left: method.adapt_to_teacher=false and the game spelled out sets it back); the adaptation is
@@ -39,7 +39,6 @@ carries as values.
 
 from __future__ import annotations
 
-import itertools
 import json
 from typing import Any
 
@@ -49,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dfkd.config import ExperimentConfig
 from dfkd.configfile import config_to_dict, with_settings
-from dfkd.features import batchnorm_layers
+from dfkd.features import batchnorm_layers, device_of, evaluating
 from dfkd.game import generator_for
 from dfkd.spec import InputSpec
 
@@ -93,36 +92,34 @@ def _override(dotted: str, value: Any) -> str:
 
 
 def forward_flops(model: nn.Module, inputs: torch.Tensor) -> int:
-    """The FLOPs of `model` on `inputs`, counted in eval mode (no BatchNorm statistics move)."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(inputs)
-    finally:
-        model.train(training)
+    """The FLOPs of `model`'s forward pass on `inputs`, counted in eval mode."""
+    with torch.no_grad(), evaluating(model), FlopCounterMode(display=False) as counter:
+        model(inputs)
     return counter.get_total_flops()
 
 
 def _image(model: nn.Module, spec: InputSpec) -> torch.Tensor:
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    return torch.zeros(1, *spec.shape, device=device)
+    return torch.zeros(1, *spec.shape, device=device_of(model))
 
 
-# The student's FLOPs per iteration, at most this share of the generator's. Measured on Fashion-MNIST
-# WRN-16-2 -> WRN-16-1 (runs/RESULTS.md): 1 (10 student steps) 0.923 of the teacher, 0.5 (5 steps)
-# 0.934, against 0.905 with the game's 20; 0.2 (2 steps) trailed 0.5 by 7-10 points at the half.
+# The student steps' forward FLOPs per iteration, at most this share of the generator steps'.
+# Measured on Fashion-MNIST WRN-16-2 -> WRN-16-1 (runs/RESULTS.md): 1 (10 student steps) 0.923 of
+# the teacher, 0.5 (5 steps) 0.934, against 0.905 with the game's 20; 0.2 (2 steps) trailed 0.5 by
+# 7-10 points at the half.
 STUDENT_FLOPS_SHARE = 0.5
 
 
 def student_steps_within(
     cfg: ExperimentConfig, teachers: list[nn.Module], student: nn.Module, spec: InputSpec
 ) -> tuple[int, str]:
-    """The student steps per iteration (at most cfg's, at least one) whose FLOPs stay within
+    """The student steps per iteration (at most cfg's, at least one) whose forward FLOPs stay within
     STUDENT_FLOPS_SHARE of the generator steps': a generator step runs the generator, a teacher and
-    the student forward and back, a student step on stored images and logits runs the student
-    alone. A student as large as its teacher thus gets more new images in the same time, and a
-    small one keeps all its steps. Also the reason, one readable line."""
+    the student, a student step on stored images and logits the student alone. Forward FLOPs of one
+    image stand for the cost (the backward passes differ a little: a generator step's skips the
+    teacher's and student's weights); student-step options that run the teacher as well (student
+    shifts, flips, mixup, feature terms) are not counted. A student as large as its teacher thus gets
+    more new images in the same time, and a small one keeps all its steps. Also the reason, one
+    readable line."""
     with torch.random.fork_rng(devices=[]):  # its initialisation draws nothing from the run's RNG
         generator = generator_for(cfg, spec)
     g = forward_flops(generator, torch.zeros(1, cfg.generator.latent_dim))
@@ -133,7 +130,7 @@ def student_steps_within(
     within = STUDENT_FLOPS_SHARE * cfg.method.n_generator_steps * (g + t + s) // max(s, 1)
     steps = int(min(max(within, 1), cfg.method.n_student_steps))
     cost = " ".join(f"{name} {f / 1e6:.3g}" for name, f in (("generator", g), ("teacher", t), ("student", s)))
-    reason = f"keeps the student's FLOPs within {STUDENT_FLOPS_SHARE:g} of the generator's"
+    reason = f"keeps the student's forward FLOPs within {STUDENT_FLOPS_SHARE:g} of the generator steps'"
     return steps, f"method.n_student_steps={steps} {reason} (MFLOPs an image: {cost})"
 
 

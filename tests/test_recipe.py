@@ -57,7 +57,10 @@ def test_a_student_as_costly_as_its_teacher_gets_fewer_steps_and_a_small_one_kee
     # the student alone: half of 2 x (14.9 + 202 + 52.7) / 52.7 = 5.1 steps for WRN-16-2 -> WRN-16-1
     cfg, (note,) = adapt(ExperimentConfig(), [teacher("wrn16_2")], teacher("wrn16_1"))
     assert cfg.method.n_student_steps == 5
-    assert "method.n_student_steps=5 keeps the student's FLOPs within 0.5 of the generator's" in note
+    assert (
+        "method.n_student_steps=5 keeps the student's forward FLOPs within 0.5 of the generator steps'"
+        in note
+    )
     assert "generator 14.9 teacher 202 student 52.7" in note
     assert adapt(ExperimentConfig(), [teacher("resnet8")])[0].method.n_student_steps == 20
     # a student far larger than its teacher still learns every iteration
@@ -76,14 +79,17 @@ def test_steps_the_user_gave_are_kept_and_counting_the_cost_moves_no_state():
     given = with_settings(ExperimentConfig(), {"method.n_student_steps": 7})
     cfg, (note,) = adapt(given, [teacher("wrn16_2")], teacher("wrn16_1"))
     assert cfg.method.n_student_steps == 7 and "kept as given: method.n_student_steps=7" in note
-    assert "keeps the student's FLOPs" not in note
+    assert "keeps the student's forward FLOPs" not in note
     student = build_classifier("resnet8", in_channels=1, num_classes=10, image_size=32).train()
+    frozen = student.stem[1]  # a BatchNorm the user keeps in eval mode stays so
+    frozen.eval()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     teachers = [teacher("wrn16_1")]
     rng = torch.random.get_rng_state()
     adapt(ExperimentConfig(), teachers, student)
     assert torch.equal(rng, torch.random.get_rng_state()), "the run's draws are those of an unadapted run"
-    assert student.training and all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert student.training and not frozen.training
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
 def test_a_pool_with_one_batchnorm_teacher_is_adapted_and_counts_each_teachers_layers():
