@@ -108,6 +108,24 @@ def test_bn_prior_golden_value_and_gradient():
     assert torch.autograd.gradcheck(prior, (inputs[0][0], inputs[1][0]))
 
 
+def test_batch_moments_of_a_bf16_channels_last_tap_match_torch_in_float32():
+    from dfkd.losses import batch_moments
+
+    x = torch.randn(8, 3, 5, 5).mul(2).add(1).bfloat16().contiguous(memory_format=torch.channels_last)
+    leaf = x.detach().requires_grad_(True)
+    mean, var = batch_moments(leaf)
+    assert mean.dtype == var.dtype == torch.float32  # a bf16 tap's statistics keep their digits
+    wide = x.float().detach().requires_grad_(True)
+    torch.testing.assert_close(mean, wide.mean((0, 2, 3)))
+    torch.testing.assert_close(var, wide.var((0, 2, 3), unbiased=False))
+    weights = torch.tensor([0.5, -1.0, 2.0])
+    ((mean * weights).sum() + (var * weights.flip(0)).sum()).backward()
+    reference = wide.mean((0, 2, 3)) * weights + wide.var((0, 2, 3), unbiased=False) * weights.flip(0)
+    reference.sum().backward()
+    assert leaf.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(leaf.grad.float(), wide.grad, rtol=1e-2, atol=1e-4)
+
+
 def weight_grads(module):
     """The gradient of each weight matrix or kernel (biases feeding a BatchNorm get none by design)."""
     return {name: p.grad for name, p in module.named_parameters() if name.endswith("weight")}
