@@ -20,6 +20,7 @@ from dfkd.classifier_files import freeze, load_classifier
 from dfkd.config import ExperimentConfig, TeacherConfig
 from dfkd.data import Dataset, load_dataset
 from dfkd.errors import DfkdError
+from dfkd.graph_files import torchscript_as_graph
 from dfkd.models import build_classifier
 from dfkd.perf import check_perf
 from dfkd.pool import TeacherPool, check_agreement
@@ -230,6 +231,8 @@ def assemble(
     if len(models) > 1:
         check_agreement(metas, sources)
     spec, metas = settle_spec(cfg, metas, sources, dataset, spec)
+    # TorchScript runs its BatchNorm layers where no forward hook sees them; as a graph they are modules
+    models = [freeze(torchscript_as_graph(m, spec.channels, spec.size)) for m in models]
     check_fits(metas, sources, spec)
     pool = TeacherPool(models, metas, spec, cfg.pool, seed=cfg.train.seed + 2)
     evaluation = evaluation_for(cfg, dataset, spec, eval_split)

@@ -20,8 +20,10 @@
   `model_state_dict` of a dict without `meta`; a DDP `module.` or torch.compile `_orig_mod.`
   prefix is stripped): the weights of `arch`, rebuilt for `shape` = (channels, size, num_classes).
 - a TorchScript archive (`torch.jit.save`): `torch.jit.load`, used as it is. Its code is
-  TorchScript, run by TorchScript's interpreter, not Python.
-- a torch.export program (`torch.export.save`, usually .pt2): `torch.export.load(path).module()`.
+  TorchScript, run by TorchScript's interpreter, not Python. A run turns one with BatchNorm layers
+  into a graph whose BatchNorm calls are modules (dfkd.graph_files.torchscript_as_graph).
+- a torch.export program (`torch.export.save`, usually .pt2): `torch.export.load(path).module()`,
+  its BatchNorm calls made modules (dfkd.graph_files.with_batchnorm_modules).
   Export the model in eval mode, with a dynamic batch dimension. Its pickled entries must hold
   plain tensors and it must hold no compiled code (AOTInductor), unless trust_pickle is set.
 - a whole pickled module (`torch.save(model)`): unpickling it runs code from the file, so it is

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dfkd.errors import DfkdError
 from dfkd.user_code import error_line
@@ -33,8 +36,10 @@ def archive_kind(path: Path) -> str:
 
 
 class ExportedTeacher(nn.Module):
-    """An exported program's module as a teacher. Its train/eval behaviour was fixed at export and
-    the exported module refuses train() and eval(), so they set only this wrapper's flag."""
+    """An exported program's module (or a TorchScript graph turned into one) as a teacher, its
+    BatchNorm calls as BatchNorm modules (`with_batchnorm_modules`). Its train/eval behaviour was
+    fixed at export and the exported module refuses train() and eval(), so they set only this
+    wrapper's flag."""
 
     def __init__(self, program: nn.Module):
         super().__init__()
@@ -46,6 +51,83 @@ class ExportedTeacher(nn.Module):
     def train(self, mode: bool = True) -> ExportedTeacher:
         self.training = mode
         return self
+
+
+class GraphBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A graph's batch_norm call as a BatchNorm module, so that whatever reads a teacher's BatchNorm
+    layers (the `bn` priors, the recipe, `dfkd layers`) finds it. It normalizes with its running
+    statistics in either mode, as the saved graph does, and takes an input of any rank."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+_BATCHNORM_ARGS = ("weight", "bias", "running_mean", "running_var")  # aten.batch_norm's args 1-4
+
+
+def _batchnorm_owner(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
+    """The module that holds a batch_norm call's own weight, bias and running statistics under those
+    names, and nothing more; None for a call this rewrite leaves alone (batch statistics, or
+    tensors shared, computed or named otherwise)."""
+    named = {name: arg for name, arg in zip(_BATCHNORM_ARGS, node.args[1:5]) if arg is not None}
+    training = node.args[5]
+    if (
+        training
+        or not {"running_mean", "running_var"} <= named.keys()
+        or ("weight" in named) != ("bias" in named)
+    ):
+        return None
+    paths = set()
+    for name, arg in named.items():
+        if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and len(arg.users) == 1):
+            return None
+        path, _, attr = arg.target.rpartition(".")
+        if attr != name:
+            return None
+        paths.add(path)
+    if len(paths) != 1 or "" in paths:
+        return None
+    owner = gm.get_submodule(paths.pop())
+    held = {**dict(owner.named_parameters(recurse=False)), **dict(owner.named_buffers(recurse=False))}
+    alone = not list(owner.children()) and held.keys() <= {*_BATCHNORM_ARGS, "num_batches_tracked"}
+    return owner if alone else None
+
+
+def with_batchnorm_modules(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` with each eval-mode aten.batch_norm call on its own weights made a call to a
+    GraphBatchNorm module at the path that held them (stem.1, layers.0.bn1: the original model's
+    layer paths). The same computation; forward hooks on those layers then see their inputs."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        owner = _batchnorm_owner(gm, node)
+        if owner is None:
+            continue
+        x, weight, _, mean, *_ = node.args
+        momentum, eps = node.args[6], node.args[7]
+        layer = GraphBatchNorm(owner.running_mean.numel(), eps, momentum, affine=weight is not None).eval()
+        layer.running_mean, layer.running_var = owner.running_mean, owner.running_var
+        if weight is not None:
+            layer.weight, layer.bias = (
+                t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+                for t in (owner.weight, owner.bias)
+            )
+        path = mean.target.rpartition(".")[0]
+        gm.add_submodule(path, layer)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (x,))
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        for arg in node.args[1:5]:
+            if arg is not None:
+                gm.graph.erase_node(arg)
+    gm.recompile()
+    return gm
 
 
 def load_torchscript(path: Path) -> nn.Module:
@@ -131,4 +213,46 @@ def load_exported(path: Path, trust_pickle: bool) -> nn.Module:
             program = torch.export.load(str(path))
     except Exception as err:
         raise DfkdError(f"{where} does not load: {error_line(err)}") from None
-    return ExportedTeacher(program.module())
+    return ExportedTeacher(with_batchnorm_modules(program.module()))
+
+
+def _has_batchnorm(model: torch.jit.ScriptModule) -> bool:
+    return any("BatchNorm" in getattr(m, "original_name", "") for m in model.modules())
+
+
+def torchscript_as_graph(model: nn.Module, channels: int, size: int) -> nn.Module:
+    """A TorchScript model with BatchNorm layers as an ExportedTeacher whose BatchNorm calls are
+    modules (with_batchnorm_modules). TorchScript runs its layers inside one graph, where no forward
+    hook reaches them, so the `bn` priors and the recipe would not see them. The graph gives the
+    same logits, checked on a random batch of 3; any other model, and one the converter cannot
+    take, stays as it is (the latter with a warning that says what is lost)."""
+    if not isinstance(model, torch.jit.ScriptModule) or not _has_batchnorm(model):
+        return model
+    device = next(iter(model.parameters()), torch.zeros(0)).device
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        torch_log.setLevel(logging.ERROR)  # the converter logs each shape it specializes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sample = (torch.zeros(2, channels, size, size, device=device),)
+            graph = ExportedTeacher(with_batchnorm_modules(TS2EPConverter(model, sample).convert().module()))
+        probe = torch.randn(3, channels, size, size, device=device)
+        with torch.no_grad():
+            same = torch.allclose(graph(probe), model(probe), rtol=1e-4, atol=1e-5)
+        reason = "its graph gives other logits" if not same else None
+    except Exception as err:  # the converter takes most traced and scripted CNNs, not every graph
+        reason = error_line(err)
+    finally:
+        torch_log.setLevel(level)
+    if reason is None:
+        return graph
+    warnings.warn(
+        f"the TorchScript teacher's BatchNorm layers cannot be read ({reason}): the `bn` priors "
+        "cannot use them, and the recipe plays the game for teachers without BatchNorm; save the "
+        "teacher as a state_dict or with torch.export to have them read",
+        stacklevel=2,
+    )
+    return model

@@ -266,6 +266,21 @@ def test_a_torchscript_teacher_is_run_once_at_the_declared_input(teacher_and_tes
     assert result.summary["teacher_archs"] == ["torchscript"]
 
 
+def test_a_torchscript_batchnorm_teacher_plays_the_batchnorm_game(tmp_path):
+    # file or module, the recipe sees its BatchNorm layers and the `bn` prior reads them
+    resnet = build_classifier("resnet8", in_channels=1, num_classes=10, image_size=32).eval()
+    scripted = torch.jit.trace(resnet, torch.zeros(2, 1, 32, 32))
+    scripted.save(str(tmp_path / "t.ts"))
+    quick = {**QUICK, "train.iterations": 2}
+    for i, teacher in enumerate((tmp_path / "t.ts", scripted)):
+        out = tmp_path / f"r{i}"
+        result = dfkd.distill(teacher, input=MNIST, overrides=quick, out=out, progress=False)
+        (note,) = result.summary["adaptations"]
+        assert note.startswith("the teacher has 9 BatchNorm layers: the BatchNorm game")
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any(m.get("train/prior_bn", 0) > 0 for m in logged)
+
+
 def test_a_pool_of_teacher_files(teacher_and_test, tmp_path):
     teacher = teacher_and_test[0]
     torch.jit.trace(teacher, torch.zeros(1, 1, 32, 32)).save(str(tmp_path / "a.ts"))

@@ -186,6 +186,68 @@ def test_exported_program_loads_and_takes_any_batch(resnet, tmp_path):
     one_line_error(lambda: load_classifier(path, shape=(3, 32, 10)), "does not take 3×32×32 inputs")
 
 
+def captured_batchnorm_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    from dfkd.features import batchnorm_layers, capture
+
+    with torch.no_grad(), capture(model, list(batchnorm_layers(model)), inputs=True) as found:
+        model(x)
+    return found
+
+
+@pytest.mark.parametrize("how", ["trace", "script", "export"])
+def test_a_graph_teacher_shows_its_batchnorm_layers_as_the_model_did(resnet, tmp_path, how):
+    # TorchScript and exported graphs run BatchNorm where no forward hook reaches: as modules again,
+    # at the model's own paths, the `bn` priors read the same inputs and statistics
+    from dfkd.features import batchnorm_layers
+    from dfkd.graph_files import GraphBatchNorm, torchscript_as_graph
+
+    model, x, _ = resnet
+    path = tmp_path / "teacher.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if how == "export":
+            batch = ({0: torch.export.Dim("batch")},)
+            torch.export.save(torch.export.export(model, (x,), dynamic_shapes=batch), path)
+        else:
+            (torch.jit.trace(model, x) if how == "trace" else torch.jit.script(model)).save(str(path))
+    loaded, _ = load_classifier(path, shape=SHAPE)
+    graph = torchscript_as_graph(loaded, 1, 32)
+    assert logits_match(graph, resnet)
+    layers, own = batchnorm_layers(graph), batchnorm_layers(model)
+    assert [p.split("program.", 1)[-1] for p in layers] == list(own) and len(own) == 20
+    assert all(isinstance(m, GraphBatchNorm) for m in layers.values())
+    for m, ref in zip(layers.values(), own.values()):
+        assert torch.equal(m.running_mean, ref.running_mean)
+        assert torch.equal(m.running_var, ref.running_var)
+    seen, expected = captured_batchnorm_inputs(graph, x), captured_batchnorm_inputs(model, x)
+    assert all(torch.allclose(seen[p], expected[p.split("program.", 1)[-1]], atol=1e-5) for p in layers)
+    leaf = x.clone().requires_grad_(True)  # the images' gradient, which the generator learns from
+    graph(leaf).square().sum().backward()
+    assert leaf.grad.abs().sum() > 0
+
+
+def test_a_torchscript_graph_the_converter_refuses_is_used_as_it_is_with_a_warning(resnet, monkeypatch):
+    from torch._export.converter import TS2EPConverter
+
+    from dfkd.graph_files import torchscript_as_graph
+
+    model, x, _ = resnet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated; users still bring such files
+        traced = torch.jit.trace(model, x)
+        plain = torch.jit.trace(small_net(), torch.zeros(2, 1, 32, 32))  # no BatchNorm: nothing to convert
+
+    def refuse(self):
+        raise RuntimeError("unsupported op prim::Foo")
+
+    monkeypatch.setattr(TS2EPConverter, "convert", refuse)
+    with pytest.warns(UserWarning, match=r"BatchNorm layers cannot be read \(RuntimeError: unsupported op"):
+        assert torchscript_as_graph(traced, 1, 32) is traced
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torchscript_as_graph(plain, 1, 32) is plain
+
+
 def small_net() -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10)).eval()
