@@ -74,6 +74,8 @@ def _batchnorm_owner(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module
     """The module that holds a batch_norm call's own weight, bias and running statistics under those
     names, and nothing more; None for a call this rewrite leaves alone (batch statistics, or
     tensors shared, computed or named otherwise)."""
+    if len(node.args) < 8:  # given by keyword: not how torch.export and the converter write it
+        return None
     named = {name: arg for name, arg in zip(_BATCHNORM_ARGS, node.args[1:5]) if arg is not None}
     training = node.args[5]
     if (
