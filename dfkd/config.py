@@ -114,6 +114,9 @@ class MethodConfig:
     temperature: float = 1.0  # for KL-type losses
     n_student_steps: int = 5
     n_generator_steps: int = 1
+    # Generators that take turns, one an iteration, each with its own weights and optimizer: with a
+    # replay memory the student learns from images of several generators' paths through the game.
+    n_generators: int = 1
     # The generator step's own batch (and its teacher logits) serves all student steps of the
     # iteration instead of a fresh batch per step: no extra generator or teacher forward at all.
     reuse_samples: bool = True

@@ -113,6 +113,17 @@ def check(cfg: ExperimentConfig) -> None:
             "method.meta_generator restarts the generator's optimizer every iteration, and with it "
             "the contrastive head's (method.contrast); set one of them off"
         )
+    if cfg.method.n_generators > 1:
+        alone = {
+            "method.meta_generator": cfg.method.meta_generator is not None,
+            "method.generator_ema": cfg.method.generator_ema > 0,
+            "method.contrast": cfg.method.contrast > 0,
+        }
+        if clash := [k for k, on in alone.items() if on]:
+            raise DfkdError(
+                f"method.n_generators={cfg.method.n_generators} plays generators in turn, but "
+                f"{', '.join(clash)} follows one generator; set method.n_generators=1 or turn it off"
+            )
     for i, pair in enumerate(cfg.method.features):
         if len(pair) != 2:
             raise DfkdError(f"method.features[{i}] must be a pair [student_layer, teacher_layer], got {pair}")
@@ -138,6 +149,7 @@ def _positive(cfg: ExperimentConfig) -> dict[str, float]:
             for k in (
                 "n_student_steps",
                 "n_generator_steps",
+                "n_generators",
                 "temperature",
                 "contrast_temperature",
                 "contrast_bank",

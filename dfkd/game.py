@@ -75,13 +75,17 @@ class Game:
         # The teacher this iteration plays against, and the pool member the feature term reads.
         self.teacher, self.feature_teacher = pool.models[0], next(iter(pool.strategy.feature_sources), None)
         self.student = student
+        m = cfg.method
         self.latents = latents_for(cfg, spec)
-        self.generator = generator_for(cfg, spec).to(device)
+        # the first from the run's random stream; the others each from a seed of their own
+        self.generators = [generator_for(cfg, spec).to(device)] + [
+            self._generator_from(cfg.train.seed + 104_729 * k).to(device) for k in range(1, m.n_generators)
+        ]
+        self.generator = self.generators[0]  # the one playing this iteration
         self.meta: MetaStart | None = None  # built once the generator's player is (below)
         self.student_average = (
             WeightAverage(student, cfg.train.student_ema) if cfg.train.student_ema > 0 else None
         )
-        m = cfg.method
         generator_average = WeightAverage(self.generator, m.generator_ema) if m.generator_ema > 0 else None
         self.method = build_method(m)
         archs = [meta["arch"] for meta in pool.metas]
@@ -117,15 +121,19 @@ class Game:
             "backward (student step)",
         )
         self.student_player.average = self.student_average
-        self.generator_player = Player(
-            Side(self.generator, self.method.generator_modules),
-            cfg.generator_optim,
-            n,
-            device,
-            fused,
-            self.phases,
-            "backward (generator step)",
-        )
+        self.generator_players = [
+            Player(
+                Side(g, self.method.generator_modules),
+                cfg.generator_optim,
+                n,
+                device,
+                fused,
+                self.phases,
+                "backward (generator step)",
+            )
+            for g in self.generators
+        ]
+        self.generator_player = self.generator_players[0]
         disc = self.method.discriminator
         self.discriminator_player = Player(disc, cfg.discriminator_optim, n, device, fused) if disc else None
         self.meta = self._meta_start(fused) if m.meta_generator else None
@@ -143,9 +151,10 @@ class Game:
     # ---- what the run holds ---------------------------------------------------------------
     @property
     def players(self) -> dict[str, Player]:
-        """Student (s), generator (g), discriminator (d), the generator's meta start (m), by
-        checkpoint key."""
-        out = {"s": self.student_player, "g": self.generator_player}
+        """Student (s), generator (g; g1, g2, ... for the ones taking turns with it), discriminator
+        (d), the generator's meta start (m), by checkpoint key."""
+        out = {"s": self.student_player, "g": self.generator_players[0]}
+        out.update({f"g{k}": p for k, p in enumerate(self.generator_players[1:], 1)})
         if self.discriminator_player is not None:
             out["d"] = self.discriminator_player
         if self.meta is not None:
@@ -159,7 +168,8 @@ class Game:
         adapters = getattr(m, "feature_adapters", None)
         nets = {
             "student": self.student,
-            "generator": self.generator,
+            "generator": self.generators[0],
+            **{f"generator_{k}": g for k, g in enumerate(self.generators[1:], 1)},
             "ema": self.student_average.model if self.student_average else None,
             "generator_ema": self.batches.generator_average.model if self.batches.generator_average else None,
             "discriminator": m.discriminator,
@@ -183,12 +193,16 @@ class Game:
     def autocast(self):
         return autocast(self.cfg.perf, self.device)
 
-    def reset_generator(self, seed: int) -> None:
-        """Fresh generator weights (drawn from `seed`, the run's own random streams untouched) and a
-        fresh optimizer state; the module itself stays, so its wrappers stay valid."""
+    def _generator_from(self, seed: int) -> nn.Module:
+        """A generator whose weights are drawn from `seed`, the run's own random streams untouched."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            fresh = generator_for(self.cfg, self.spec)
+            return generator_for(self.cfg, self.spec)
+
+    def reset_generator(self, seed: int) -> None:
+        """Fresh weights for the playing generator (drawn from `seed`) and a fresh optimizer state;
+        the module itself stays, so its wrappers stay valid."""
+        fresh = self._generator_from(seed)
         self.generator.load_state_dict(fresh.state_dict())
         self.generator_player.optimizer.state.clear()
         if self.meta is not None:
@@ -288,6 +302,8 @@ class Game:
         metrics as detached tensors."""
         m = self.cfg.method
         self.teacher, self.feature_teacher = self.pool.choose(step)
+        turn = step % m.n_generators
+        self.generator, self.generator_player = self.generators[turn], self.generator_players[turn]
         g_losses, latest = self.generator_steps(m.n_generator_steps)
         self.batches.refresh(latest, self.generator)
         for _ in range(m.n_student_steps):

@@ -1,9 +1,10 @@
 """A run's checkpoint: everything needed to continue bit for bit, and the resume compatibility check.
 
 Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak, generator_resets, config,
-latent_rngs (one per process), torch_rng, pool, one state_dict per trained network (student, generator, ema,
-generator_ema, discriminator, adapter, feature_adapters, contrast, generator_meta), opt_<player> and
-sched_<player> for s(tudent), g(enerator), d(iscriminator), m (the generator's meta start),
+latent_rngs (one per process), torch_rng, pool, one state_dict per trained network (student, generator,
+generator_1, ... (method.n_generators), ema, generator_ema, discriminator, adapter, feature_adapters,
+contrast, generator_meta), opt_<player> and sched_<player> for s(tudent), g(enerator; g1, ...),
+d(iscriminator), m (the generator's meta start),
 memory (the replay memory), cuda_rng.
 """
 
@@ -143,7 +144,7 @@ def _apply(changes: dict[str, tuple], run: Run) -> None:
         section = key.split(".")[0]
         if not key.endswith(".lr") or not old:
             continue
-        for player in (players[k] for k in names[section] if k in players):
+        for player in (p for k, p in players.items() if k[0] in names[section]):
             scale_lr(player.optimizer, player.schedule, new / old)
     for player in players.values():
         replan(player.optimizer, player.schedule, run.cfg.train.iterations)
