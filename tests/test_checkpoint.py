@@ -90,6 +90,7 @@ CONTRAST = {"method": {"contrast": 0.8, "contrast_bank": 40}, "teacher": {"arch"
         {"method": {"generator_ema": 0.9}},
         CONTRAST,
         {"method": {"meta_generator": "fomaml", "n_generator_steps": 2}},
+        {"method": {"n_generators": 2, "replay_size": 40}},  # resumed at step 3: the second's turn
     ],
 )
 def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, run_of, sections):
@@ -108,6 +109,7 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, run_o
     assert {"student", "generator", "ema"} <= a.keys() and a.keys() == b.keys()
     assert ("contrast" in a) == ("contrast" in sections["method"])  # the head and its bank resume too
     assert ("generator_meta" in a) == ("meta_generator" in sections["method"])  # and the meta start
+    assert ("generator_1" in a) == ("n_generators" in sections["method"])  # and every generator
     for key in a:
         for (name, x), y in zip(a[key].state_dict().items(), b[key].state_dict().values()):
             assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f"{key}.{name}"

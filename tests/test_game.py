@@ -1,5 +1,6 @@
 """The game's seams: a Player steps its own parameters alone; a Game holds its players and networks."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -71,3 +72,38 @@ def test_a_game_holds_a_player_per_trained_network(tiny, tmp_path, run_of):
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
     top = metrics["train/top_class_frac"].item()
     assert 1 / 10 <= top <= 1
+
+
+def test_generators_take_turns_and_each_steps_only_on_its_own(tiny, tmp_path, run_of):
+    game = run_of(tiny(method={"n_generators": 2, "replay_size": 64}), tmp_path).game
+    first, second = game.generators
+    assert set(game.players) == {"s", "g", "g1"} and {"generator", "generator_1"} <= set(game.networks)
+    assert game.players["g1"].params == list(second.parameters())
+
+    def weights(g):
+        return [p.detach().clone() for p in g.parameters()]
+
+    def moved(before, g):
+        return any(not torch.equal(a, b) for a, b in zip(before, g.parameters()))
+
+    assert moved(weights(first), second), "each generator starts from weights of its own"
+
+    a, b = weights(first), weights(second)
+    game.iteration(0)
+    assert moved(a, first) and not moved(b, second) and game.generator is first
+    a = weights(first)
+    game.iteration(1)
+    assert moved(b, second) and not moved(a, first) and game.generator is second
+    assert game.batches.memory.size == 32  # both generators' batches in the one memory
+    game.iteration(2)
+    assert game.generator is first
+
+
+def test_one_generator_is_the_default_and_several_refuse_what_follows_one(tiny):
+    from dfkd.errors import DfkdError
+
+    assert tiny().method.n_generators == 1
+    with pytest.raises(DfkdError, match=r"n_generators=2 plays generators in turn, but method.generator_ema"):
+        tiny(method={"n_generators": 2, "generator_ema": 0.9})
+    with pytest.raises(DfkdError, match="method.n_generators must be"):
+        tiny(method={"n_generators": 0})
