@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dfkd.errors import DfkdError
+from dfkd.features import device_of
 from dfkd.user_code import error_line
 
 
@@ -230,7 +231,7 @@ def torchscript_as_graph(model: nn.Module, channels: int, size: int) -> nn.Modul
     take, stays as it is (the latter with a warning that says what is lost)."""
     if not isinstance(model, torch.jit.ScriptModule) or not _has_batchnorm(model):
         return model
-    device = next(iter(model.parameters()), torch.zeros(0)).device
+    device = device_of(model)
     torch_log = logging.getLogger("torch")
     level = torch_log.level
     try:
