@@ -52,6 +52,7 @@ DEFAULTS = {
         "temperature": 1.0,
         "n_student_steps": 5,
         "n_generator_steps": 1,
+        "n_generators": 1,
         "reuse_samples": True,
         "priors": {},
         "adapt_to_teacher": True,
