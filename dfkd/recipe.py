@@ -119,9 +119,8 @@ def student_steps_within(
     skips the teacher's and student's weights (five WRN-16-1 steps take about 0.6 of the generator
     steps' time, from calibrations at 5.4 s an iteration with 20 steps and 3.5 s with 10).
     Student-step options that also run the teacher (student shifts, flips, mixup, feature terms)
-    are not counted. A student as large as its teacher thus gets
-    more new images in the same time, and a small one keeps all its steps. Also the reason, one
-    readable line."""
+    are not counted. A student as large as its teacher thus gets more new images in the same time,
+    and a small one keeps all its steps. Also the reason, one readable line."""
     with torch.random.fork_rng(devices=[]):  # its initialisation draws nothing from the run's RNG
         generator = generator_for(cfg, spec)
     g = forward_flops(generator, torch.zeros(1, cfg.generator.latent_dim))
