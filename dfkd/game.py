@@ -57,6 +57,12 @@ def generator_for(cfg: ExperimentConfig, spec: InputSpec) -> nn.Module:
     )
 
 
+def turns(k: int, iterations: int, n_generators: int) -> int:
+    """The iterations generator k plays in a run of `iterations` (k, k + N, ...): the length of its
+    learning-rate schedule, which steps on its turns only."""
+    return max(len(range(k, iterations, n_generators)), 1)
+
+
 class Game:
     """Generator against student over a pool of frozen teachers (and a discriminator in GAN-KD).
     The student must be built right before the game, from the run's seed (dfkd.assemble)."""
@@ -125,13 +131,13 @@ class Game:
             Player(
                 Side(g, self.method.generator_modules),
                 cfg.generator_optim,
-                n,
+                turns(k, n, m.n_generators),
                 device,
                 fused,
                 self.phases,
                 "backward (generator step)",
             )
-            for g in self.generators
+            for k, g in enumerate(self.generators)
         ]
         self.generator_player = self.generator_players[0]
         disc = self.method.discriminator
@@ -309,7 +315,8 @@ class Game:
         for _ in range(m.n_student_steps):
             s_losses, d_losses = self.student_step(*self.batches.draw(latest, self.teacher))
         for player in self.players.values():
-            player.schedule.step()
+            if player is self.generator_player or player not in self.generator_players:
+                player.schedule.step()
         return iteration_metrics(latest[1], g_losses, s_losses, d_losses)
 
 

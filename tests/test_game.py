@@ -1,5 +1,7 @@
 """The game's seams: a Player steps its own parameters alone; a Game holds its players and networks."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -97,6 +99,21 @@ def test_generators_take_turns_and_each_steps_only_on_its_own(tiny, tmp_path, ru
     assert game.batches.memory.size == 32  # both generators' batches in the one memory
     game.iteration(2)
     assert game.generator is first
+
+
+def test_each_generators_schedule_runs_over_its_own_turns(tiny, tmp_path, run_of):
+    cfg = tiny(
+        method={"n_generators": 2, "replay_size": 64},
+        generator_optim={"schedule": "cosine"},
+        train={"iterations": 3},  # the first generator plays iterations 0 and 2, the second 1
+    )
+    game = run_of(cfg, tmp_path).game
+    base = cfg.generator_optim.lr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of a schedule stepped before its optimizer
+        game.iteration(0)
+    lrs = [p.optimizer.param_groups[0]["lr"] for p in game.generator_players]
+    assert lrs == pytest.approx([base / 2, base])  # half the first's cosine; the second not yet played
 
 
 def test_one_generator_is_the_default_and_several_refuse_what_follows_one(tiny):
