@@ -160,6 +160,20 @@ def test_a_longer_resume_continues_the_cosine_as_if_planned_for_its_length(tiny,
     assert any(r == {"step": 4, "resume/train.iterations": 8} for r in records(tmp_path / "run"))
 
 
+def test_a_longer_resume_replans_each_generators_cosine_over_its_own_turns(tiny, tmp_path, run_of):
+    short = tiny(
+        train={"iterations": 4},
+        method={"n_generators": 2, "replay_size": 64},
+        generator_optim={"schedule": "cosine"},
+    )
+    run_of(short, tmp_path / "run").fit()  # two turns each: both at the end of their cosine
+    resumed = run_of(with_settings(short, {"train.iterations": 8}), tmp_path / "run")
+    resumed.resume()
+    # two of each one's four turns played: half way through its cosine
+    base = short.generator_optim.lr
+    assert [p.lr for p in resumed.game.generator_players] == pytest.approx([base / 2, base / 2])
+
+
 def test_a_resume_may_lower_the_learning_rate_and_records_it(tiny, tmp_path, run_of):
     cfg = tiny(train={"iterations": 6})
     assert run_of(cfg, tmp_path).fit(stop_at=2) is None
