@@ -113,20 +113,25 @@ def check(cfg: ExperimentConfig) -> None:
             "method.meta_generator restarts the generator's optimizer every iteration, and with it "
             "the contrastive head's (method.contrast); set one of them off"
         )
-    if cfg.method.n_generators > 1:
-        alone = {
-            "method.meta_generator": cfg.method.meta_generator is not None,
-            "method.generator_ema": cfg.method.generator_ema > 0,
-            "method.contrast": cfg.method.contrast > 0,
-        }
-        if clash := [k for k, on in alone.items() if on]:
-            raise DfkdError(
-                f"method.n_generators={cfg.method.n_generators} plays generators in turn, but "
-                f"{', '.join(clash)} follows one generator; set method.n_generators=1 or turn it off"
-            )
+    if cfg.method.n_generators > 1 and (clash := one_generator_options(cfg)):
+        raise DfkdError(
+            f"method.n_generators={cfg.method.n_generators} plays generators in turn, but "
+            f"{', '.join(clash)} follows one generator; set method.n_generators=1 or turn it off"
+        )
     for i, pair in enumerate(cfg.method.features):
         if len(pair) != 2:
             raise DfkdError(f"method.features[{i}] must be a pair [student_layer, teacher_layer], got {pair}")
+
+
+def one_generator_options(cfg: ExperimentConfig) -> list[str]:
+    """The options set in `cfg` that follow a single generator, not several taking turns."""
+    m = cfg.method
+    on = {
+        "method.meta_generator": m.meta_generator is not None,
+        "method.generator_ema": m.generator_ema > 0,
+        "method.contrast": m.contrast > 0,
+    }
+    return [k for k, set_ in on.items() if set_]
 
 
 def _positive(cfg: ExperimentConfig) -> dict[str, float]:

@@ -52,6 +52,15 @@ def test_settings_the_user_gave_are_kept_and_the_rest_adapted():
     assert "kept as given: method.n_generator_steps=3 generator_optim.lr=0.0001" in note
 
 
+def test_an_option_that_follows_one_generator_keeps_one():
+    given = with_settings(ExperimentConfig(), {"method.generator_ema": 0.9})
+    cfg, (note,) = adapt(given, [teacher("resnet8")])  # validated: several would be refused
+    assert cfg.method.n_generators == 1 and cfg.method.priors == BATCHNORM_GAME["method.priors"]
+    assert "method.n_generators stays 1: method.generator_ema follows one generator" in note
+    assert "method.n_generators" not in note.split(";")[0]
+    assert adapt(ExperimentConfig(), [teacher("resnet8")])[0].method.n_generators > 1
+
+
 def test_a_student_as_costly_as_its_teacher_gets_fewer_steps_and_a_small_one_keeps_all():
     # a generator step runs generator (14.9 MFLOPs an image), teacher and student; a student step,
     # the student alone: half of 2 x (14.9 + 202 + 52.7) / 52.7 = 5.1 steps for WRN-16-2 -> WRN-16-1
