@@ -25,16 +25,15 @@ iteration, each with its own weights and optimizer, both filling the one memory:
 each of two generators teach more than all the images of either (ResNet-8 0.906 -> 0.937 of the
 teacher, WRN-16-1 0.870 -> 0.906; four lift ResNet-8 a point further and not WRN-16-1). A setting
 that follows one generator (a meta-learned start, a generator average, the contrastive term) keeps
-one. DeepInversion's jitter (each generator
-image shifted by up to two pixels before the teacher sees it) asks for images whose class survives
-a small move: without it the generator finds patterns the teacher reads at one position only, which
-teach the student little about real digits; each image is also turned by up to 15 degrees and
-scaled by up to 10 %, which asks the same of orientation and size (ResNet-8 and the home-made CNN
-two points each). Two departures from Fast-DFKD, measured on ResNet-8 and the home-made CNN
-(runs/RESULTS.md, "The BatchNorm game"): the generator keeps the default output in the valid pixel
-range, not DFAD's standardized one (ResNet-8 on Fashion-MNIST 56 -> 63 %), and batches are 128
-images, not 256: twice the iterations in the same time, which a slow teacher needs more than a
-larger batch (WRN-16-1 0.67 -> 0.77 of the teacher in 600 s of one core).
+one. DeepInversion's jitter (each generator image shifted by up to two pixels before the teacher
+sees it) asks for images whose class survives a small move: without it the generator finds patterns
+the teacher reads at one position only, which teach the student little about real digits; each image
+is also turned by up to 15 degrees and scaled by up to 10 %, which asks the same of orientation and
+size (ResNet-8 and the home-made CNN two points each). Two departures from Fast-DFKD, measured on
+ResNet-8 and the home-made CNN (runs/RESULTS.md, "The BatchNorm game"): the generator keeps the
+default output in the valid pixel range, not DFAD's standardized one (ResNet-8 on Fashion-MNIST 56
+-> 63 %), and batches are 128 images, not 256: twice the iterations in the same time, which a slow
+teacher needs more than a larger batch (WRN-16-1 0.67 -> 0.77 of the teacher in 600 s of one core).
 
 Only settings the user left at their defaults are adapted (one given at its default value counts
 as left: method.adapt_to_teacher=false and the game spelled out sets it back); the adaptation is
