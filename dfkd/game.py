@@ -155,6 +155,14 @@ class Game:
         return MetaStart(m.meta_generator, player)
 
     # ---- what the run holds ---------------------------------------------------------------
+    def schedule_length(self, player: Player, iterations: int) -> int:
+        """The steps `player`'s learning-rate schedule spans in a run of `iterations`: a generator's
+        schedule steps on its own turns only."""
+        generators = self.generator_players
+        if player not in generators:
+            return iterations
+        return turns(generators.index(player), iterations, len(generators))
+
     @property
     def players(self) -> dict[str, Player]:
         """Student (s), generator (g; g1, g2, ... for the ones taking turns with it), discriminator

@@ -19,7 +19,6 @@ from dfkd import distributed
 from dfkd.checkpoint import load_safe, load_weights
 from dfkd.config import ExperimentConfig, config_from_dict, config_to_dict
 from dfkd.errors import DfkdError
-from dfkd.game import turns
 from dfkd.optim import replan, scale_lr
 
 if TYPE_CHECKING:
@@ -147,8 +146,6 @@ def _apply(changes: dict[str, tuple], run: Run) -> None:
             continue
         for player in (p for k, p in players.items() if k[0] in names[section]):
             scale_lr(player.optimizer, player.schedule, new / old)
-    n, generators = run.cfg.train.iterations, run.game.generator_players
     for player in players.values():
-        length = turns(generators.index(player), n, len(generators)) if player in generators else n
-        replan(player.optimizer, player.schedule, length)
+        replan(player.optimizer, player.schedule, run.game.schedule_length(player, run.cfg.train.iterations))
     run.resume_changes = {**run.resume_changes, **changes}
