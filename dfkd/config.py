@@ -112,6 +112,10 @@ class MethodConfig:
     # alone (DAFL: samples the teacher likes, not samples the student gets wrong).
     adversarial_weight: float = 1.0
     temperature: float = 1.0  # for KL-type losses
+    # The generator ascends the discrepancy only on images whose top class the student and the
+    # teacher agree on (CMI's and Fast-DFKD's mask): an image the student already gets wrong is
+    # not pushed further from what the teacher reads.
+    adversarial_agreed_only: bool = False
     n_student_steps: int = 5
     n_generator_steps: int = 1
     # Generators that take turns, one an iteration, each with its own weights and optimizer: with a

@@ -50,6 +50,7 @@ DEFAULTS = {
         "loss": "kl",
         "adversarial_weight": 1.0,
         "temperature": 1.0,
+        "adversarial_agreed_only": False,
         "n_student_steps": 5,
         "n_generator_steps": 1,
         "n_generators": 1,

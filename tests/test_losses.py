@@ -82,6 +82,24 @@ def test_priors_enter_the_generator_loss_with_their_weights():
         build_method(MethodConfig(priors={"ohe": 1.0}))
 
 
+@pytest.mark.parametrize("name", ["l1", "kl"])
+def test_the_agreed_only_adversarial_term_sums_the_agreed_rows_over_the_batch(name):
+    """CMI's and Fast-DFKD's mask: rows whose top classes differ add nothing and get no gradient."""
+    from dfkd.config import MethodConfig
+    from dfkd.methods import build_method
+
+    s = torch.tensor([S[0], S[1], [0.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([T[0], T[1], [0.0, 3.0, 1.0]], dtype=torch.float64)  # top classes: 0/0, 2/1, 1/1
+    method = build_method(MethodConfig(loss=name, adversarial_agreed_only=True, adversarial_weight=0.5))
+    out = method.generator_losses(s, t)
+    agreed = [0, 2]
+    expected = LOSSES.get(name)(s[agreed].detach(), t[agreed], 1.0).item() * len(agreed) / 3
+    assert out["discrepancy"].item() == pytest.approx(expected, rel=1e-12)
+    assert out["loss"].item() == pytest.approx(-0.5 * expected, rel=1e-12)
+    out["loss"].backward()
+    assert s.grad[1].abs().sum() == 0 and s.grad[0].abs().sum() > 0 and s.grad[2].abs().sum() > 0
+
+
 def test_bn_prior_golden_value_and_gradient():
     from dfkd.losses import PRIORS
 

@@ -161,6 +161,8 @@ class Adversarial(Method):
 
     def generator_losses(self, student_logits, teacher_logits, **taps) -> dict[str, torch.Tensor]:
         """Minus the discrepancy (the generator ascends it), plus the weighted priors."""
+        if self.cfg.adversarial_agreed_only:
+            student_logits, teacher_logits = agreed_rows(student_logits, teacher_logits)
         d = self.discrepancy(student_logits, teacher_logits, self.temperature)
         out = {"loss": -self.adversarial_weight * d, "discrepancy": d}
         for name, (prior, weight) in self.priors.items():
@@ -185,3 +187,11 @@ class Adversarial(Method):
             out["feature"] = sum(self.feature_loss(s, t) for s, t in feature_pairs)
             out["loss"] = out["loss"] + self.feature_weight * out["feature"]
         return out
+
+
+def agreed_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+    """Both logit batches with the rows whose top classes differ set to zero: identical rows add
+    nothing to any registered discrepancy and pass it no gradient, so its batch mean becomes the sum
+    over the agreed rows over the batch size (no host sync to count them)."""
+    agreed = (student_logits.argmax(1) == teacher_logits.argmax(1)).unsqueeze(1).to(student_logits.dtype)
+    return student_logits * agreed, teacher_logits * agreed
