@@ -88,12 +88,20 @@ def test_the_agreed_only_adversarial_term_sums_the_agreed_rows_over_the_batch(na
     from dfkd.config import MethodConfig
     from dfkd.methods import build_method
 
-    s = torch.tensor([S[0], S[1], [0.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
-    t = torch.tensor([T[0], T[1], [0.0, 3.0, 1.0]], dtype=torch.float64)  # top classes: 0/0, 2/1, 1/1
-    method = build_method(MethodConfig(loss=name, adversarial_agreed_only=True, adversarial_weight=0.5))
-    out = method.generator_losses(s, t)
+    student = [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [0.0, 1.0, 0.0]]
+    teacher = [[1.5, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 3.0, 1.0]]  # top classes 0/0, 2/1, 1/1
     agreed = [0, 2]
-    expected = LOSSES.get(name)(s[agreed].detach(), t[agreed], 1.0).item() * len(agreed) / 3
+    if name == "l1":  # the mean over all 3 x 3 entries, the disagreeing row's counted as zero
+        expected = sum(abs(a - b) for i in agreed for a, b in zip(student[i], teacher[i])) / 9
+    else:  # the mean over all 3 rows of KL(teacher || student), the disagreeing row's zero
+        kl_rows = [
+            sum(q * math.log(q / p) for p, q in zip(softmax(student[i], 1.0), softmax(teacher[i], 1.0)))
+            for i in agreed
+        ]
+        expected = sum(kl_rows) / 3
+    s = torch.tensor(student, dtype=torch.float64, requires_grad=True)
+    method = build_method(MethodConfig(loss=name, adversarial_agreed_only=True, adversarial_weight=0.5))
+    out = method.generator_losses(s, torch.tensor(teacher, dtype=torch.float64))
     assert out["discrepancy"].item() == pytest.approx(expected, rel=1e-12)
     assert out["loss"].item() == pytest.approx(-0.5 * expected, rel=1e-12)
     out["loss"].backward()
