@@ -114,7 +114,7 @@ class MethodConfig:
     temperature: float = 1.0  # for KL-type losses
     # The generator ascends the discrepancy only on images whose top class the student and the
     # teacher agree on (CMI's and Fast-DFKD's mask): an image the student already gets wrong is
-    # not pushed further from what the teacher reads.
+    # not pushed further from what the teacher reads. train/discrepancy then logs the masked term.
     adversarial_agreed_only: bool = False
     n_student_steps: int = 5
     n_generator_steps: int = 1
