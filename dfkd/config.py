@@ -210,6 +210,11 @@ class PoolConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 1000
+    # Seconds of distilling (evaluations included, a teacher's training not) after which the run
+    # ends at the next iteration boundary, finished as if it had reached `iterations`; 0: no limit.
+    # The learning-rate schedules still span `iterations`, so a limit that cuts a run short leaves
+    # them mid-way: it guards a budget, it does not choose the length.
+    time_limit: float = 0.0
     batch_size: int = 256
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto

@@ -50,6 +50,7 @@ def check(cfg: ExperimentConfig) -> None:
         )
     }
     non_negative["train.max_rollbacks"] = cfg.train.max_rollbacks
+    non_negative["train.time_limit"] = cfg.train.time_limit
     non_negative["eval.min_teacher_margin"] = cfg.eval.min_teacher_margin
     for name in OPTIMIZER_SECTIONS:
         opt = getattr(cfg, name)

@@ -90,7 +90,8 @@ class Run:
         )
         self.generator_resets = 0
         self.run_id = uuid.uuid4().hex[:8]
-        self.stopped = False
+        self.stopped = False  # by the callback or the time limit: the run finishes where it is
+        self.time_limit_reached = False
         self.resumed = False  # continues a checkpoint: the record past it is dropped and re-made
         self.resume_changes: dict[str, tuple] = {}  # config keys a resume changed: (saved, new)
         self.warned_chance = False
@@ -240,6 +241,13 @@ class Run:
                 path = self.report.save_samples(self.game.generator, step)
                 tracker.log_image("train/samples", path, step)
             self.wall_s = time.perf_counter() - start
+            if self._out_of_time():
+                self.stopped = self.time_limit_reached = True
+                if self.main:
+                    tqdm.write(
+                        f"dfkd: train.time_limit={cfg.time_limit:g} s reached at iteration {step} of {last}",
+                        file=sys.stderr,
+                    )
             if checkpoint_now or self.stopped:
                 self.save_checkpoint()
             self.at_boundary = True
@@ -251,6 +259,17 @@ class Run:
         if self.iterations_done % self.cfg.train.log_every:
             return False
         return distributed.any_rank(bool(self.signals))
+
+    def _out_of_time(self) -> bool:
+        """The run has spent train.time_limit; under torchrun all ranks agree, at log steps."""
+        limit = self.cfg.train.time_limit
+        if not limit:
+            return False
+        if not distributed.active():
+            return self.wall_s >= limit
+        if self.iterations_done % self.cfg.train.log_every:
+            return False
+        return distributed.any_rank(self.wall_s >= limit)
 
     def evaluate(self) -> dict[str, float]:
         game = self.game
@@ -338,6 +357,8 @@ class Run:
         )
         if per_class is not None:
             summary["class_acc"] = per_class
+        summary["planned_iterations"] = self.cfg.train.iterations
+        summary["time_limit_reached"] = self.time_limit_reached
         summary["adaptations"] = self.adaptations
         summary["perf"] = {"settings": dataclasses.asdict(self.cfg.perf), "chosen": self.perf_choice}
         if not self.main:

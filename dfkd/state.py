@@ -29,6 +29,7 @@ MAY_CHANGE_ON_RESUME = ("perf", "tracking", "eval")
 # Keys a resumed run may change; the change is recorded in the run (resume/<key> in metrics.jsonl).
 TUNABLE_ON_RESUME = (
     "train.iterations",
+    "train.time_limit",
     "train.log_every",
     "train.eval_every",
     "train.sample_every",

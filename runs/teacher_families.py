@@ -5,10 +5,12 @@ recipe (dfkd/config.py: nothing set but data, teacher and student) within a fixe
 a 20-iteration calibration run measures the seconds one iteration takes here (its evaluations
 counted apart, as a fixed cost of every run), and each seed runs the recipe's 1,000 iterations, or
 as many as the budget allows where that is fewer (`--fill-budget`: always as many as it allows, as
-runs/preset_table.py does). Longer is not better for every teacher: an MLP teacher's student peaks
-near 900 iterations of a 3,252-iteration run and then falls to 0.59 of the teacher (runs/RESULTS.md,
-"Teacher families"). Prints one markdown row per teacher (teacher, student mean and spread, ratio,
-iterations, wall time, command). Finished runs in --out are read back, not re-run.
+runs/preset_table.py does), with the budget as its time limit (`train.time_limit`: a long run's
+iteration can take longer than the calibration's). Longer is not better for every teacher: an MLP
+teacher's student peaks near 900 iterations of a 3,252-iteration run and then falls to 0.59 of the
+teacher (runs/RESULTS.md, "Teacher families"). Prints one markdown row per teacher (teacher, student
+mean and spread, ratio, iterations, wall time, command). Finished runs in --out are read back, not
+re-run.
 
     python runs/teacher_families.py --datasets mnist5k --seeds 0 1
     python runs/teacher_families.py --families resnet8 --budget 300 --seeds 0
@@ -21,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from preset_table import CALIBRATION_ITERATIONS, iterations_within, row, run
+from preset_table import CALIBRATION_ITERATIONS, iterations_within, row, run, time_limited
 
 from dfkd.config import load_config
 
@@ -97,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             run(BASE, calibration, CALIBRATION_ITERATIONS, 0, overrides)
             fitting = iterations_within(budget, calibration)
             iterations = fitting if args.fill_budget else min(fitting, RECIPE_ITERATIONS)
+            limited = time_limited(overrides, budget)
             runs = [
-                run(BASE, folder.with_name(f"{folder.name}_s{s}"), iterations, s, overrides)
-                for s in args.seeds
+                run(BASE, folder.with_name(f"{folder.name}_s{s}"), iterations, s, limited) for s in args.seeds
             ]
-            lines.append(row(f"{name} → {student}", os.path.relpath(BASE), iterations, overrides, runs))
+            lines.append(row(f"{name} → {student}", os.path.relpath(BASE), iterations, limited, runs))
             print(lines[-1], flush=True)
         print("\n" + "\n".join(lines), flush=True)
     return 0

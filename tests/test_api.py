@@ -132,6 +132,29 @@ def test_a_callback_that_returns_false_ends_the_run_with_a_summary(teacher_and_t
     )
 
 
+def test_a_time_limit_ends_the_run_at_the_next_boundary_with_a_summary(teacher_and_test, tmp_path):
+    """A limit every iteration exceeds ends the run after its first; one none reaches changes nothing."""
+    teacher, images, labels, _ = teacher_and_test
+
+    def summary(limit: float, out: str) -> dict:
+        overrides = {**QUICK, "train.iterations": 10, "train.time_limit": limit}
+        return dfkd.distill(
+            teacher,
+            student="lenet5_half",
+            input=MNIST,
+            eval_data=(images, labels),
+            overrides=overrides,
+            out=tmp_path / out,
+            progress=False,
+        ).summary
+
+    cut = summary(1e-9, "cut")
+    assert (cut["iterations"], cut["planned_iterations"], cut["time_limit_reached"]) == (1, 10, True)
+    assert (tmp_path / "cut" / "student.pt").exists()
+    whole = summary(1e6, "whole")
+    assert (whole["iterations"], whole["time_limit_reached"]) == (10, False)
+
+
 def test_with_no_evaluation_data_the_summary_says_no_real_accuracy_exists(teacher_and_test, tmp_path):
     teacher = teacher_and_test[0]
     result = dfkd.distill(

@@ -85,6 +85,7 @@ DEFAULTS = {
     "discriminator_optim": {**ADAM, "lr": 2e-4, "betas": [0.5, 0.999]},
     "train": {
         "iterations": 1000,
+        "time_limit": 0.0,
         "batch_size": 256,
         "seed": 0,
         "device": "cpu",
@@ -153,6 +154,7 @@ def test_int_widens_to_float_but_not_the_reverse(tmp_path):
         ("generator:\n  output: rgb\n", r"generator\.output must be one of standardized, pixels; got .rgb."),
         ("method:\n  student_mixup: 1.5\n", r"method\.student_mixup must be in \[0, 1\]"),
         ("method:\n  generator_rotate: -5\n", r"method\.generator_rotate must be in \[0, 180\], got -5"),
+        ("train:\n  time_limit: -1\n", r"train\.time_limit must be 0 \(off\) or positive, got -1"),
         ("method:\n  generator_scale: 1.0\n", r"method\.generator_scale must be in \[0, 1\), got 1\.0"),
         ("method:\n  reuse_samples: 1\n", r"method\.reuse_samples: expected bool"),
         ("- a\n- b\n", r"must hold a mapping"),

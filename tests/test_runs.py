@@ -180,10 +180,27 @@ def test_preset_table_reads_finished_runs_back_and_prints_each_row(tmp_path, cap
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| DFAD")]
     expected = (
         "| DFAD | 97.00 | 91.00 (90.00–92.00) | 0.938 | 300 | 60 s | "
-        "`dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 train.eval_every=75 --iterations=300 "
-        "--seed=S` |"
+        "`dfkd run runs/mnist5k_dfad.yaml perf.autocast=bf16 train.time_limit=60 train.eval_every=75 "
+        "--iterations=300 --seed=S` |"
     )
     assert rows[0] == expected and len(rows) == 2  # printed as it comes, then in the whole table
+
+
+def test_preset_table_keeps_a_run_its_time_limit_cut_short_and_says_so(
+    tmp_path, capsys, preset_table, monkeypatch
+):
+    write_finished_preset_runs(tmp_path, preset_table.PRESETS["mnist5k"])
+    cut = {"teacher_acc": 97.0, "student_acc": 90.0, "wall_s": 60.0, "iterations": 280}
+    cut.update(planned_iterations=300, time_limit_reached=True)
+    (tmp_path / "mnist5k_dfad_s0" / "summary.json").write_text(json.dumps(cut))
+
+    def dfkd(argv):
+        raise AssertionError(f"ran again: {argv}")
+
+    monkeypatch.setattr(preset_table, "dfkd", dfkd)
+    assert preset_table.main(["--datasets", "mnist5k", "--budget", "60", "--out", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| DFAD"))
+    assert "| 300 (280 / 300 in the time limit) | 60 s |" in row
 
 
 def test_preset_table_runs_again_what_ran_for_another_budget(tmp_path, preset_table, monkeypatch):
@@ -252,7 +269,8 @@ def test_teacher_families_reads_finished_runs_back_and_prints_each_row(
     expected = (
         "| resnet8 → lenet5_half | 97.00 | 93.00 (92.00–94.00) | 0.959 | 300 | 60 s | "
         "`dfkd run runs/mnist5k_demo.yaml name=mnist5k_resnet8 teacher.arch=resnet8 "
-        "student.arch=lenet5_half tracking.mode=disabled train.eval_every=75 --iterations=300 --seed=S` |"
+        "student.arch=lenet5_half tracking.mode=disabled train.time_limit=60 train.eval_every=75 "
+        "--iterations=300 --seed=S` |"
     )
     assert rows[0] == expected and len(rows) == 2
 
