@@ -241,7 +241,7 @@ class Run:
                 path = self.report.save_samples(self.game.generator, step)
                 tracker.log_image("train/samples", path, step)
             self.wall_s = time.perf_counter() - start
-            if self._out_of_time():
+            if step < last and self._out_of_time():
                 self.stopped = self.time_limit_reached = True
                 if self.main:
                     tqdm.write(

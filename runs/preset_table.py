@@ -51,7 +51,7 @@ def run(config: Path, out: Path, iterations: int, seed: int, overrides: list[str
     summary = out / "summary.json"
     if summary.exists():
         finished = json.loads(summary.read_text())
-        # a run its time limit ended early was planned as long
+        # a run its time limit cut short is as finished as one that ran its length
         if finished.get("planned_iterations", finished.get("iterations")) == iterations:
             return finished
     argv = [
