@@ -195,9 +195,12 @@ class Run:
             count += 1
             bar.update(1)
             step, last = self.iterations_done, cfg.iterations
+            self.wall_s = time.perf_counter() - start
+            # the step the time limit ends the run on logs, checks its health and checkpoints as a last one
+            out_of_time = step < last and self._out_of_time()
             log_now, checkpoint_now = (
-                _every(step, cfg.log_every, last),
-                _every(step, cfg.checkpoint_every, last),
+                out_of_time or _every(step, cfg.log_every, last),
+                out_of_time or _every(step, cfg.checkpoint_every, last),
             )
             # A checkpoint is only ever written from a healthy state.
             if log_now or checkpoint_now:
@@ -228,6 +231,13 @@ class Run:
                 sums, count, last_log = {}, 0, now
                 if self.callback is not None and self.callback(step, metrics) is False:
                     self.stopped = True
+            if out_of_time and not self.stopped:
+                self.stopped = self.time_limit_reached = True
+                if self.main:
+                    tqdm.write(
+                        f"dfkd: train.time_limit={cfg.time_limit:g} s reached at iteration {step} of {last}",
+                        file=sys.stderr,
+                    )
             if _every(step, cfg.eval_every, last) and self.main:
                 began = time.perf_counter()
                 evals = self.evaluate()
@@ -241,35 +251,25 @@ class Run:
                 path = self.report.save_samples(self.game.generator, step)
                 tracker.log_image("train/samples", path, step)
             self.wall_s = time.perf_counter() - start
-            if step < last and self._out_of_time():
-                self.stopped = self.time_limit_reached = True
-                if self.main:
-                    tqdm.write(
-                        f"dfkd: train.time_limit={cfg.time_limit:g} s reached at iteration {step} of {last}",
-                        file=sys.stderr,
-                    )
             if checkpoint_now or self.stopped:
                 self.save_checkpoint()
             self.at_boundary = True
 
-    def _signalled(self) -> bool:
-        """A signal was noted; under torchrun all ranks agree, at log steps, so they stop together."""
+    def _on_every_rank(self, flag: bool) -> bool:
+        """`flag`; under torchrun, true on every rank where it is true on any, decided at log steps
+        only, so that the ranks stop together."""
         if not distributed.active():
-            return bool(self.signals)
+            return flag
         if self.iterations_done % self.cfg.train.log_every:
             return False
-        return distributed.any_rank(bool(self.signals))
+        return distributed.any_rank(flag)
+
+    def _signalled(self) -> bool:
+        return self._on_every_rank(bool(self.signals))
 
     def _out_of_time(self) -> bool:
-        """The run has spent train.time_limit; under torchrun all ranks agree, at log steps."""
         limit = self.cfg.train.time_limit
-        if not limit:
-            return False
-        if not distributed.active():
-            return self.wall_s >= limit
-        if self.iterations_done % self.cfg.train.log_every:
-            return False
-        return distributed.any_rank(self.wall_s >= limit)
+        return bool(limit) and self._on_every_rank(self.wall_s >= limit)
 
     def evaluate(self) -> dict[str, float]:
         game = self.game
@@ -358,6 +358,7 @@ class Run:
         if per_class is not None:
             summary["class_acc"] = per_class
         summary["planned_iterations"] = self.cfg.train.iterations
+        summary["time_limit"] = self.cfg.train.time_limit
         summary["time_limit_reached"] = self.time_limit_reached
         summary["adaptations"] = self.adaptations
         summary["perf"] = {"settings": dataclasses.asdict(self.cfg.perf), "chosen": self.perf_choice}

@@ -41,23 +41,30 @@ PRESETS = {  # dataset -> (preset name, experiment file); "best" is the project'
 CALIBRATION_ITERATIONS = 20
 
 
-def settings(overrides: list[str], iterations: int) -> list[str]:
-    """Every run's overrides, and four evaluations per run."""
-    return [*overrides, f"train.eval_every={max(1, iterations // 4)}", f"--iterations={iterations}"]
+def settings(overrides: list[str], iterations: int, time_limit: float = 0.0) -> list[str]:
+    """Every run's overrides, its time limit (0: none), and four evaluations per run. The budget is
+    each measured run's time limit: a long run's iteration has taken up to 16 % longer than the
+    20 of its calibration (runs/RESULTS.md)."""
+    limit = [f"train.time_limit={time_limit:g}"] if time_limit else []
+    return [*overrides, *limit, f"train.eval_every={max(1, iterations // 4)}", f"--iterations={iterations}"]
 
 
-def run(config: Path, out: Path, iterations: int, seed: int, overrides: list[str]) -> dict:
-    """One run (or the summary of the finished one already in `out`, if it was planned as long)."""
+def run(
+    config: Path, out: Path, iterations: int, seed: int, overrides: list[str], time_limit: float = 0.0
+) -> dict:
+    """One run, or the summary of the finished one already in `out` if it was planned as long and,
+    where a time limit cut it short, under this one."""
     summary = out / "summary.json"
     if summary.exists():
         finished = json.loads(summary.read_text())
-        # a run its time limit cut short is as finished as one that ran its length
-        if finished.get("planned_iterations", finished.get("iterations")) == iterations:
+        planned = finished.get("planned_iterations", finished.get("iterations"))
+        cut_by_another = finished.get("time_limit_reached") and finished.get("time_limit") != time_limit
+        if planned == iterations and not cut_by_another:
             return finished
     argv = [
         "run",
         str(config),
-        *settings(overrides, iterations),
+        *settings(overrides, iterations, time_limit),
         f"--seed={seed}",
         f"--out={out}",
         "--overwrite",
@@ -82,7 +89,9 @@ def iterations_within(budget: float, calibration: Path) -> int:
     return max(1, int((budget - evaluating) / per_iteration))
 
 
-def row(name: str, config: str, iterations: int, overrides: list[str], runs: list[dict]) -> str:
+def row(
+    name: str, config: str, iterations: int, overrides: list[str], runs: list[dict], time_limit: float = 0.0
+) -> str:
     accs = [r["student_acc"] for r in runs]
     ratios = [r["student_acc"] / r["teacher_acc"] for r in runs]
     spread = f"{min(accs):.2f}–{max(accs):.2f}" if len(accs) > 1 else "one seed"
@@ -93,17 +102,11 @@ def row(name: str, config: str, iterations: int, overrides: list[str], runs: lis
         if set(done) == {iterations}
         else f"{iterations} ({' / '.join(map(str, done))} in the time limit)"
     )
-    command = " ".join(["dfkd run", config, *settings(overrides, iterations), "--seed=S"])
+    command = " ".join(["dfkd run", config, *settings(overrides, iterations, time_limit), "--seed=S"])
     return (
         f"| {name} | {runs[0]['teacher_acc']:.2f} | {statistics.mean(accs):.2f} ({spread}) | "
         f"{statistics.mean(ratios):.3f} | {length} | {wall:.0f} s | `{command}` |"
     )
-
-
-def time_limited(overrides: list[str], budget: float) -> list[str]:
-    """The runs' overrides with the budget as their time limit: the calibration measures 20
-    iterations, and a long run's iteration has taken up to 16 % longer (runs/RESULTS.md)."""
-    return [*overrides, f"train.time_limit={budget:g}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             calibration = args.out / f"{stem}_calibration"
             run(config, calibration, CALIBRATION_ITERATIONS, 0, args.overrides)
             iterations = iterations_within(args.budget, calibration)
-            limited = time_limited(args.overrides, args.budget)
-            runs = [run(config, args.out / f"{stem}_s{s}", iterations, s, limited) for s in args.seeds]
-            lines.append(row(name, f"runs/{stem}.yaml", iterations, limited, runs))
+            runs = [
+                run(config, args.out / f"{stem}_s{s}", iterations, s, args.overrides, args.budget)
+                for s in args.seeds
+            ]
+            lines.append(row(name, f"runs/{stem}.yaml", iterations, args.overrides, runs, args.budget))
             print(lines[-1], flush=True)
         print("\n" + "\n".join(lines), flush=True)
     return 0

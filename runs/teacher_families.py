@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from preset_table import CALIBRATION_ITERATIONS, iterations_within, row, run, time_limited
+from preset_table import CALIBRATION_ITERATIONS, iterations_within, row, run
 
 from dfkd.config import load_config
 
@@ -99,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             run(BASE, calibration, CALIBRATION_ITERATIONS, 0, overrides)
             fitting = iterations_within(budget, calibration)
             iterations = fitting if args.fill_budget else min(fitting, RECIPE_ITERATIONS)
-            limited = time_limited(overrides, budget)
             runs = [
-                run(BASE, folder.with_name(f"{folder.name}_s{s}"), iterations, s, limited) for s in args.seeds
+                run(BASE, folder.with_name(f"{folder.name}_s{s}"), iterations, s, overrides, budget)
+                for s in args.seeds
             ]
-            lines.append(row(f"{name} → {student}", os.path.relpath(BASE), iterations, limited, runs))
+            label = f"{name} → {student}"
+            lines.append(row(label, os.path.relpath(BASE), iterations, overrides, runs, budget))
             print(lines[-1], flush=True)
         print("\n" + "\n".join(lines), flush=True)
     return 0

@@ -133,11 +133,13 @@ def test_a_callback_that_returns_false_ends_the_run_with_a_summary(teacher_and_t
 
 
 def test_a_time_limit_ends_the_run_at_the_next_boundary_with_a_summary(teacher_and_test, tmp_path):
-    """A limit every iteration exceeds ends the run after its first; one none reaches changes nothing."""
+    """A limit every iteration exceeds ends the run after its first, logged and checked as a last
+    step; a resume under a higher limit goes on; a limit not reached, or reached on the last step,
+    changes nothing."""
     teacher, images, labels, _ = teacher_and_test
 
-    def summary(limit: float, out: str) -> dict:
-        overrides = {**QUICK, "train.iterations": 10, "train.time_limit": limit}
+    def summary(limit: float, out: str, iterations: int = 10, resume: bool = False) -> dict:
+        overrides = {**QUICK, "train.iterations": iterations, "train.time_limit": limit}
         return dfkd.distill(
             teacher,
             student="lenet5_half",
@@ -146,13 +148,20 @@ def test_a_time_limit_ends_the_run_at_the_next_boundary_with_a_summary(teacher_a
             overrides=overrides,
             out=tmp_path / out,
             progress=False,
+            resume=resume,
         ).summary
 
     cut = summary(1e-9, "cut")
     assert (cut["iterations"], cut["planned_iterations"], cut["time_limit_reached"]) == (1, 10, True)
     assert (tmp_path / "cut" / "student.pt").exists()
-    whole = summary(1e6, "whole")
-    assert (whole["iterations"], whole["time_limit_reached"]) == (10, False)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["step"] == 1 and "train/loss_S" in r for r in records)  # log_every is 2
+    resumed = summary(1e6, "cut", resume=True)
+    assert (resumed["iterations"], resumed["time_limit_reached"]) == (10, False)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("resume/train.time_limit") == 1e6 for r in records)
+    assert summary(1e6, "whole")["time_limit_reached"] is False
+    assert summary(1e-9, "one", iterations=1)["time_limit_reached"] is False
 
 
 def test_with_no_evaluation_data_the_summary_says_no_real_accuracy_exists(teacher_and_test, tmp_path):

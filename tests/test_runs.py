@@ -191,16 +191,24 @@ def test_preset_table_keeps_a_run_its_time_limit_cut_short_and_says_so(
 ):
     write_finished_preset_runs(tmp_path, preset_table.PRESETS["mnist5k"])
     cut = {"teacher_acc": 97.0, "student_acc": 90.0, "wall_s": 60.0, "iterations": 280}
-    cut.update(planned_iterations=300, time_limit_reached=True)
+    cut.update(planned_iterations=300, time_limit=60.0, time_limit_reached=True)
     (tmp_path / "mnist5k_dfad_s0" / "summary.json").write_text(json.dumps(cut))
+    ran = []
 
-    def dfkd(argv):
-        raise AssertionError(f"ran again: {argv}")
+    def dfkd(argv):  # stands in for `dfkd run`: records the run and leaves its summary
+        out = Path(next(a for a in argv if a.startswith("--out="))[len("--out=") :])
+        ran.append((out.name, next(a for a in argv if a.startswith("train.time_limit="))))
+        (out / "summary.json").write_text(json.dumps({**cut, "time_limit": 65.0}))
+        return 0
 
     monkeypatch.setattr(preset_table, "dfkd", dfkd)
     assert preset_table.main(["--datasets", "mnist5k", "--budget", "60", "--out", str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| DFAD"))
-    assert "| 300 (280 / 300 in the time limit) | 60 s |" in row
+    assert "| 300 (280 / 300 in the time limit) | 60 s |" in row and not ran
+    # the same length planned under another limit: the cut run is not the run asked for
+    monkeypatch.setattr(preset_table, "iterations_within", lambda budget, calibration: 300)
+    assert preset_table.main(["--datasets", "mnist5k", "--budget", "65", "--out", str(tmp_path)]) == 0
+    assert ran == [("mnist5k_dfad_s0", "train.time_limit=65")]
 
 
 def test_preset_table_runs_again_what_ran_for_another_budget(tmp_path, preset_table, monkeypatch):
