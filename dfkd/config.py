@@ -212,9 +212,9 @@ class TrainConfig:
     iterations: int = 1000
     # Seconds of distilling (evaluations included, a teacher's training not) after which the run
     # ends at the next iteration boundary (under torchrun, the next log step), finished as if it had
-    # reached `iterations`; 0: no limit.
-    # The learning-rate schedules still span `iterations`, so a limit that cuts a run short leaves
-    # them mid-way: it guards a budget, it does not choose the length.
+    # reached `iterations`; 0: no limit. The learning-rate schedules still span `iterations`, so a
+    # limit that cuts a run short leaves them mid-way: it guards a budget, it does not choose the
+    # length.
     time_limit: float = 0.0
     batch_size: int = 256
     seed: int = 0
