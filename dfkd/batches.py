@@ -36,11 +36,11 @@ class StudentBatches:
         self.generator_average = generator_average
         self.average_batch: Batch | None = None
 
-    def refresh(self, latest: Batch, generator: nn.Module) -> None:
-        """After the generator step(s): remember the newest batch, advance the averaged generator
-        and draw its share of this iteration's student batches."""
+    def refresh(self, latest: Batch, generator: nn.Module, owner: int = 0) -> None:
+        """After the generator step(s) of generator `owner`: remember the newest batch, advance the
+        averaged generator and draw its share of this iteration's student batches."""
         if self.memory is not None:
-            self.memory.add(*latest)
+            self.memory.add(*latest, owner=owner)
         if self.generator_average is not None:
             self.generator_average.update()
             share = max(1, round(self.cfg.generator_ema_mix * self.batch_size))
@@ -70,13 +70,13 @@ class StudentBatches:
         x = random_mixup(x, m.student_mixup, rng) if m.student_mixup else x
         return x, teacher(x)
 
-    def forget(self, generator_state: dict) -> None:
-        """After the generator starts afresh: its average restarts from `generator_state` and the
-        replay memory of the old generator's batches empties."""
+    def forget(self, generator_state: dict, owner: int = 0) -> None:
+        """After generator `owner` starts afresh: its average restarts from `generator_state` and the
+        replay memory lets go of the old generator's batches (another generator's stay)."""
         if self.generator_average is not None:
             self.generator_average.model.load_state_dict(generator_state)
         if self.memory is not None:
-            self.memory = ReplayMemory(self.memory.capacity)
+            self.memory.drop(owner)
         self.average_batch = None
 
     def state_dict(self) -> dict:

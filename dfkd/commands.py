@@ -114,10 +114,11 @@ def cmd_run(cfg, args) -> int:
         )
         print(f"{'ratio':<14}{s['ratio']:7.3f}")
         print(f"{'weakest class':<14}{weakest_class(s['class_acc'])}")
-    print(
-        f"{'wall time':<14}{s['wall_s']:7.1f} s  "
-        f"({s['iterations']} iterations, {s['images_per_s']:.0f} images/s)"
-    )
+    done = f"{s['iterations']} iterations"
+    if s["time_limit_reached"]:
+        limit = f"train.time_limit={s['time_limit']:g} s"
+        done = f"{s['iterations']} of {s['planned_iterations']} iterations: {limit}"
+    print(f"{'wall time':<14}{s['wall_s']:7.1f} s  ({done}, {s['images_per_s']:.0f} images/s)")
     print(f"{'run dir':<14}{out}")
     print(f"{'W&B':<14}{wandb_hint(out, cfg)}")
     return 0

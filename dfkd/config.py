@@ -231,9 +231,9 @@ class TrainConfig:
     # `max_rollbacks` times; then the run stops with an error.
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
-    # Collapse: more than `collapse_threshold` of the synthetic batch in one teacher class, on
+    # Collapse: more than `collapse_threshold` of a generator's batches in one teacher class, on
     # average, for `collapse_patience` log intervals in a row (fewer in a short run: at most a
-    # quarter of its intervals, at least 2). Then `collapse_action`: `reinit` gives the generator
+    # quarter of its intervals, at least 2). Then `collapse_action`: `reinit` gives that generator
     # fresh weights and optimizer state (a collapsed generator rarely recovers by itself), `warn`
     # only warns. Both log health/collapse.
     collapse_threshold: float = 0.9

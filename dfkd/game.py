@@ -87,7 +87,8 @@ class Game:
         self.generators = [generator_for(cfg, spec).to(device)] + [
             self._generator_from(cfg.train.seed + 104_729 * k).to(device) for k in range(1, m.n_generators)
         ]
-        self.generator = self.generators[0]  # the one playing this iteration
+        self.turn = 0  # the index of the generator playing this iteration
+        self.generator = self.generators[0]  # the one playing it
         self.meta: MetaStart | None = None  # built once the generator's player is (below)
         self.student_average = (
             WeightAverage(student, cfg.train.student_ema) if cfg.train.student_ema > 0 else None
@@ -213,15 +214,16 @@ class Game:
             torch.manual_seed(seed)
             return generator_for(self.cfg, self.spec)
 
-    def reset_generator(self, seed: int) -> None:
-        """Fresh weights for the playing generator (drawn from `seed`) and a fresh optimizer state;
-        the module itself stays, so its wrappers stay valid."""
+    def reset_generator(self, index: int, seed: int) -> None:
+        """Fresh weights for generator `index` (drawn from `seed`) and a fresh optimizer state; the
+        module itself stays, so its wrappers stay valid."""
         fresh = self._generator_from(seed)
-        self.generator.load_state_dict(fresh.state_dict())
-        self.generator_player.optimizer.state.clear()
-        if self.meta is not None:
+        self.generators[index].load_state_dict(fresh.state_dict())
+        self.generator_players[index].optimizer.state.clear()
+        if self.meta is not None:  # (a meta start, like an averaged generator, has one generator)
             self.meta.reset(fresh.state_dict())
-        self.batches.forget(fresh.state_dict())  # nothing of the collapsed generator feeds the student
+        # nothing of the collapsed generator feeds the student
+        self.batches.forget(fresh.state_dict(), owner=index)
 
     # ---- the steps ------------------------------------------------------------------------
     def sample_latent(self, n: int | None = None) -> torch.Tensor:
@@ -316,10 +318,10 @@ class Game:
         metrics as detached tensors."""
         m = self.cfg.method
         self.teacher, self.feature_teacher = self.pool.choose(step)
-        turn = step % m.n_generators
+        self.turn = turn = step % m.n_generators
         self.generator, self.generator_player = self.generators[turn], self.generator_players[turn]
         g_losses, latest = self.generator_steps(m.n_generator_steps)
-        self.batches.refresh(latest, self.generator)
+        self.batches.refresh(latest, self.generator, owner=turn)
         for _ in range(m.n_student_steps):
             s_losses, d_losses = self.student_step(*self.batches.draw(latest, self.teacher))
         for player in self.players.values():

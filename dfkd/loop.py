@@ -85,9 +85,12 @@ class Run:
         self.iterations_done = 0
         self.wall_s = 0.0
         self.rollbacks = 0
-        self.collapse = CollapseMonitor.for_run(
-            t.collapse_threshold, t.collapse_patience, t.iterations, t.log_every
-        )
+        # one per generator: with several taking turns, one that collapses shows in its own batches
+        # only (the mean over all would hide it) and is the one started afresh
+        self.collapse_monitors = [
+            CollapseMonitor.for_run(t.collapse_threshold, t.collapse_patience, t.iterations, t.log_every)
+            for _ in self.game.generators
+        ]
         self.generator_resets = 0
         self.run_id = uuid.uuid4().hex[:8]
         self.stopped = False  # by the callback or the time limit: the run finishes where it is
@@ -185,14 +188,17 @@ class Run:
         cfg = self.cfg.train
         sums: dict[str, torch.Tensor] = {}
         count = 0
+        tops = self._top_class_fracs()
         last_log = time.perf_counter()
         while self.iterations_done < stop and not self.stopped:
             if self._signalled():
                 raise Interrupted(self.signals[0] if self.signals else signal.SIGTERM)
             self.at_boundary = False
-            for k, v in self.step().items():
+            out = self.step()
+            for k, v in out.items():
                 sums[k] = sums[k] + v if k in sums else v
             count += 1
+            tops[self.game.turn].append(out["train/top_class_frac"])
             bar.update(1)
             step, last = self.iterations_done, cfg.iterations
             self.wall_s = time.perf_counter() - start
@@ -209,7 +215,7 @@ class Run:
                     self.roll_back(cause, tracker)
                     bar.n = self.iterations_done
                     bar.refresh()
-                    sums, count, last_log = {}, 0, time.perf_counter()
+                    sums, count, last_log, tops = {}, 0, time.perf_counter(), self._top_class_fracs()
                     self.at_boundary = True
                     continue
             if log_now:
@@ -220,15 +226,18 @@ class Run:
                 )
                 metrics["train/lr_S"] = self.game.student_player.lr
                 # every rank decides on the mean over ranks, so a reset happens everywhere or nowhere
-                frac = distributed.mean_over_ranks(metrics["train/top_class_frac"])
-                metrics["health/collapse"] = self._check_collapse(frac)
+                means = {k: torch.stack(f).mean().item() for k, f in enumerate(tops) if f}
+                fracs = {k: distributed.mean_over_ranks(mean) for k, mean in means.items()}
+                if len(tops) > 1:
+                    metrics.update({f"train/top_class_frac_g{k}": frac for k, frac in fracs.items()})
+                metrics["health/collapse"] = self._check_collapse(fracs)
                 metrics["health/generator_resets"] = self.generator_resets
                 pool = self.game.pool
                 if len(pool) > 1:
                     metrics.update({f"pool/uses_{n}": u for n, u in zip(pool.names, pool.uses)})
                 tracker.log(metrics, step)
                 bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", best=f"{self.report.best_acc:.1f}")
-                sums, count, last_log = {}, 0, now
+                sums, count, last_log, tops = {}, 0, now, self._top_class_fracs()
                 if self.callback is not None and self.callback(step, metrics) is False:
                     self.stopped = True
             if out_of_time and not self.stopped:
@@ -326,27 +335,40 @@ class Run:
                 f"({chance:.0f} %) while the teacher scores {report.teacher_acc:.1f} %: it is not learning. "
                 + (
                     "The generator collapsed (health/collapse): try method.priors (onehot, balance, bn)"
-                    if self.generator_resets or self.collapse.streak
+                    if self.generator_resets or any(m.streak for m in self.collapse_monitors)
                     else "Lower student_optim.lr / generator_optim.lr"
                 )
             )
         return float(near)
 
-    def _check_collapse(self, top_class_frac: float) -> float:
-        was = self.collapse.streak >= self.collapse.patience
-        collapsed = self.collapse.update(top_class_frac)
-        if collapsed and not was:
+    def _top_class_fracs(self) -> list[list[torch.Tensor]]:
+        """Per generator, the top-class fractions of the batches it made in one log interval."""
+        return [[] for _ in self.game.generators]
+
+    def _check_collapse(self, top_class_fracs: dict[int, float]) -> float:
+        """Updates the monitor of each generator that played (index -> its batches' mean top-class
+        fraction); starts a collapsed one afresh when collapse_action says so. 1.0 if any collapsed."""
+        several = len(self.collapse_monitors) > 1
+        any_collapsed = False
+        for k, frac in top_class_fracs.items():
+            monitor = self.collapse_monitors[k]
+            was = monitor.streak >= monitor.patience
+            collapsed = monitor.update(frac)
+            any_collapsed |= collapsed
+            if not collapsed or was:
+                continue
             reinit = self.cfg.train.collapse_action == "reinit"
+            who, whose = (f"generator {k}", f"generator {k}'s") if several else ("the generator", "synthetic")
             warn(
-                f"generator collapse? the teacher puts {top_class_frac:.0%} of synthetic images in one class "
-                f"(over {self.collapse.patience} log intervals); "
-                + ("the generator starts afresh" if reinit else "see samples/ and consider method.priors")
+                f"generator collapse? the teacher puts {frac:.0%} of {whose} images in one class "
+                f"(over {monitor.patience} log intervals); "
+                + (f"{who} starts afresh" if reinit else "see samples/ and consider method.priors")
             )
             if reinit:
                 self.generator_resets += 1
-                self.game.reset_generator(self.cfg.train.seed + 7919 * self.generator_resets)
-                self.collapse.streak = 0  # the fresh generator gets a window of its own
-        return float(collapsed)
+                self.game.reset_generator(k, self.cfg.train.seed + 7919 * self.generator_resets)
+                monitor.streak = 0  # the fresh generator gets a window of its own
+        return float(any_collapsed)
 
     def finish(self, tracker: Tracker) -> dict:
         game, report, parts = self.game, self.report, self.parts

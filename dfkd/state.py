@@ -1,6 +1,6 @@
 """A run's checkpoint: everything needed to continue bit for bit, and the resume compatibility check.
 
-Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak, generator_resets, config,
+Keys: step, wall_s, best_acc, run_id, rollbacks, collapse_streak (per generator), generator_resets, config,
 latent_rngs (one per process), torch_rng, pool, one state_dict per trained network (student, generator,
 generator_1, ... (method.n_generators), ema, generator_ema, discriminator, adapter, feature_adapters,
 contrast, generator_meta), opt_<player> and sched_<player> for s(tudent), g(enerator; g1, ...),
@@ -49,7 +49,7 @@ def run_state(run: Run) -> dict:
         "best_acc": run.report.best_acc,
         "run_id": run.run_id,
         "rollbacks": run.rollbacks,
-        "collapse_streak": run.collapse.streak,
+        "collapse_streak": [m.streak for m in run.collapse_monitors],  # per generator
         "generator_resets": run.generator_resets,
         "config": config_to_dict(run.cfg),
         "latent_rngs": distributed.gather(game.latent_rng.get_state()),  # one per process (torchrun)
@@ -130,7 +130,11 @@ def load_run_state(run: Run, path: Path) -> int:
     run.iterations_done, run.wall_s, run.run_id = state["step"], state["wall_s"], state["run_id"]
     run.saved_step = state["step"]
     run.report.best_acc = state["best_acc"]
-    run.rollbacks, run.collapse.streak = state["rollbacks"], state["collapse_streak"]
+    run.rollbacks = state["rollbacks"]
+    streaks = state["collapse_streak"]
+    streaks = [streaks] if isinstance(streaks, int) else streaks  # one number in older checkpoints
+    for monitor, streak in zip(run.collapse_monitors, streaks):
+        monitor.streak = streak
     run.generator_resets = state.get("generator_resets", 0)  # absent from older checkpoints
     _apply(changes, run)
     return state["rollbacks"]

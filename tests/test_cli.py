@@ -35,6 +35,12 @@ def test_the_weakest_class_is_the_largest_gap_to_the_teacher_the_first_of_equal_
     assert line.startswith("  80.00 %  (class 2; teacher 90.00;")
 
 
+def test_a_run_the_time_limit_cuts_short_says_so_in_its_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--iterations", "4", *TINY, "train.time_limit=1e-9"]) == 0
+    assert "(1 of 4 iterations: train.time_limit=1e-09 s," in capsys.readouterr().out
+
+
 def test_demo_end_to_end_prints_the_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--iterations", "4", *TINY]) == 0

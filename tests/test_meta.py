@@ -81,7 +81,7 @@ def test_a_generator_reset_resets_the_start_and_its_optimizer(tiny, tmp_path, ru
     game = meta_game(tiny, tmp_path, run_of, "reptile", optim=adam, steps=2)
     game.iteration(0)
     assert game.meta.player.optimizer.state
-    game.reset_generator(seed=5)
+    game.reset_generator(0, seed=5)
     for a, b in zip(game.generator.parameters(), game.meta.module.parameters()):
         assert torch.equal(a, b)
     assert not game.meta.player.optimizer.state

@@ -17,6 +17,25 @@ def test_ring_buffer_keeps_the_newest_and_round_trips():
     assert torch.equal(memory.sample(4, g1)[0], restored.sample(4, g2)[0])
 
 
+def test_dropping_a_generator_keeps_the_others_entries_oldest_first():
+    memory = ReplayMemory(capacity=6)
+    for i in range(4):  # batches of 2 from generators 0, 1, 0, 1: 0..7, the oldest (0, 1) overwritten
+        memory.add(torch.tensor([[2.0 * i], [2.0 * i + 1]]), torch.zeros(2, 3), owner=i % 2)
+    memory.drop(1)
+    assert memory.size == 2 and memory.images[:2].flatten().tolist() == [4.0, 5.0]
+    assert memory.cursor == 2, "the ring goes on after the kept entries"
+    memory.add(torch.tensor([[8.0], [9.0], [10.0], [11.0], [12.0]]), torch.zeros(5, 3), owner=1)
+    assert memory.size == 6 and sorted(memory.images.flatten().tolist()) == [5.0, 8.0, 9.0, 10.0, 11.0, 12.0]
+    restored = ReplayMemory(capacity=6)
+    restored.load_state_dict(memory.state_dict())
+    restored.drop(0)
+    assert sorted(restored.images[: restored.size].flatten().tolist()) == [8.0, 9.0, 10.0, 11.0, 12.0]
+    older = {k: v for k, v in memory.state_dict().items() if k != "owners"}  # before owners were kept
+    restored.load_state_dict(older)
+    restored.drop(0)
+    assert restored.size == 0, "an older memory is all one generator's"
+
+
 def test_samples_come_with_their_own_logits():
     memory = ReplayMemory(capacity=100)
     images = torch.arange(10.0).view(10, 1)
