@@ -68,7 +68,7 @@ def test_a_collapse_in_a_200_iteration_run_reinitialises_the_generator(tiny, run
 def test_of_two_generators_the_one_that_collapses_is_the_one_started_afresh(tiny, run_of, tmp_path, capsys):
     run = run_of(tiny(method={"n_generators": 2, "replay_size": 4096}, train=SHORT), tmp_path)
     # generator 1 plays the odd iterations, against a teacher that reads all it makes as one class;
-    # the mean over both generators (0.55) stays under the threshold, its own share does not
+    # the mean over both generators (about 0.56) stays under the threshold, its own share does not
     run.game.pool.choose = lambda step: ((EveryClassTeacher(), OneClassTeacher())[step % 2], None)
     memories, reset = [], run.game.reset_generator
 
