@@ -188,7 +188,7 @@ class Run:
         cfg = self.cfg.train
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        tops = self._top_class_fracs()
+        top_fracs = self._empty_top_fracs()
         last_log = time.perf_counter()
         while self.iterations_done < stop and not self.stopped:
             if self._signalled():
@@ -198,7 +198,7 @@ class Run:
             for k, v in out.items():
                 sums[k] = sums[k] + v if k in sums else v
             count += 1
-            tops[self.game.turn].append(out["train/top_class_frac"])
+            top_fracs[self.game.turn].append(out["train/top_class_frac"])
             bar.update(1)
             step, last = self.iterations_done, cfg.iterations
             self.wall_s = time.perf_counter() - start
@@ -215,7 +215,7 @@ class Run:
                     self.roll_back(cause, tracker)
                     bar.n = self.iterations_done
                     bar.refresh()
-                    sums, count, last_log, tops = {}, 0, time.perf_counter(), self._top_class_fracs()
+                    sums, count, last_log, top_fracs = {}, 0, time.perf_counter(), self._empty_top_fracs()
                     self.at_boundary = True
                     continue
             if log_now:
@@ -226,9 +226,10 @@ class Run:
                 )
                 metrics["train/lr_S"] = self.game.student_player.lr
                 # every rank decides on the mean over ranks, so a reset happens everywhere or nowhere
-                means = {k: torch.stack(f).mean().item() for k, f in enumerate(tops) if f}
+                # summed in float32 and divided in float64, as every logged metric is
+                means = {k: sum(f[1:], f[0]).item() / len(f) for k, f in enumerate(top_fracs) if f}
                 fracs = {k: distributed.mean_over_ranks(mean) for k, mean in means.items()}
-                if len(tops) > 1:
+                if len(top_fracs) > 1:
                     metrics.update({f"train/top_class_frac_g{k}": frac for k, frac in fracs.items()})
                 metrics["health/collapse"] = self._check_collapse(fracs)
                 metrics["health/generator_resets"] = self.generator_resets
@@ -237,7 +238,7 @@ class Run:
                     metrics.update({f"pool/uses_{n}": u for n, u in zip(pool.names, pool.uses)})
                 tracker.log(metrics, step)
                 bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", best=f"{self.report.best_acc:.1f}")
-                sums, count, last_log, tops = {}, 0, now, self._top_class_fracs()
+                sums, count, last_log, top_fracs = {}, 0, now, self._empty_top_fracs()
                 if self.callback is not None and self.callback(step, metrics) is False:
                     self.stopped = True
             if out_of_time and not self.stopped:
@@ -341,26 +342,33 @@ class Run:
             )
         return float(near)
 
-    def _top_class_fracs(self) -> list[list[torch.Tensor]]:
-        """Per generator, the top-class fractions of the batches it made in one log interval."""
+    def _empty_top_fracs(self) -> list[list[torch.Tensor]]:
+        """One empty list per generator, for the top-class fractions of the batches it makes in a
+        log interval."""
         return [[] for _ in self.game.generators]
 
     def _check_collapse(self, top_class_fracs: dict[int, float]) -> float:
         """Updates the monitor of each generator that played (index -> its batches' mean top-class
-        fraction); starts a collapsed one afresh when collapse_action says so. 1.0 if any collapsed."""
+        fraction); starts a collapsed one afresh when collapse_action says so. 1.0 while any generator
+        is collapsed (one that did not play in the interval keeps its state)."""
         several = len(self.collapse_monitors) > 1
-        any_collapsed = False
+        idle = [m for k, m in enumerate(self.collapse_monitors) if k not in top_class_fracs]
+        flagged = any(m.streak >= m.patience for m in idle)
         for k, frac in top_class_fracs.items():
             monitor = self.collapse_monitors[k]
             was = monitor.streak >= monitor.patience
             collapsed = monitor.update(frac)
-            any_collapsed |= collapsed
+            flagged |= collapsed
             if not collapsed or was:
                 continue
             reinit = self.cfg.train.collapse_action == "reinit"
-            who, whose = (f"generator {k}", f"generator {k}'s") if several else ("the generator", "synthetic")
+            images, who = (
+                (f"generator {k}'s images", f"generator {k}")
+                if several
+                else ("synthetic images", "the generator")
+            )
             warn(
-                f"generator collapse? the teacher puts {frac:.0%} of {whose} images in one class "
+                f"generator collapse? the teacher puts {frac:.0%} of {images} in one class "
                 f"(over {monitor.patience} log intervals); "
                 + (f"{who} starts afresh" if reinit else "see samples/ and consider method.priors")
             )
@@ -368,7 +376,7 @@ class Run:
                 self.generator_resets += 1
                 self.game.reset_generator(k, self.cfg.train.seed + 7919 * self.generator_resets)
                 monitor.streak = 0  # the fresh generator gets a window of its own
-        return float(any_collapsed)
+        return float(flagged)
 
     def finish(self, tracker: Tracker) -> dict:
         game, report, parts = self.game, self.report, self.parts

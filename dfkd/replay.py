@@ -26,7 +26,7 @@ class ReplayMemory:
         if self.images is None:
             self.images = images.new_empty((self.capacity, *images.shape[1:]))
             self.logits = logits.new_empty((self.capacity, *logits.shape[1:]))
-            self.owners = torch.zeros(self.capacity, dtype=torch.uint8, device=images.device)
+            self.owners = torch.zeros(self.capacity, dtype=torch.int16, device=images.device)
         n = min(len(images), self.capacity)
         idx = (self.cursor + torch.arange(n, device=images.device)) % self.capacity
         self.images[idx] = images[:n]
@@ -66,6 +66,6 @@ class ReplayMemory:
         self.size = self.cursor = 0
         if state["images"] is not None:
             self.add(state["images"], state["logits"])
-            if state.get("owners") is not None:  # absent from older checkpoints: one generator
+            if state.get("owners") is not None:  # absent from older checkpoints: all filed under 0
                 self.owners[: self.size] = state["owners"]
         self.cursor, self.size = state["cursor"], state["size"]

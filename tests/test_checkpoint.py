@@ -118,6 +118,22 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(tiny, tmp_path, run_o
     assert split == whole
 
 
+def test_a_checkpoint_from_before_per_generator_collapse_state_still_resumes(tiny, tmp_path, run_of):
+    cfg = tiny(method={"replay_size": 40}, train={"iterations": 4, "checkpoint_every": 2, "log_every": 2})
+    assert run_of(cfg, tmp_path).fit(stop_at=2) is None
+    path = tmp_path / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["collapse_streak"] = 1  # one number for the one monitor, and no owners in the memory
+    del state["memory"]["owners"]
+    torch.save(state, path)
+    resumed = run_of(cfg, tmp_path)
+    resumed.resume(path)
+    assert [m.streak for m in resumed.collapse_monitors] == [1]
+    assert resumed.game.batches.memory.owners[: resumed.game.batches.memory.size].eq(0).all()
+    resumed.fit()
+    assert resumed.iterations_done == 4
+
+
 def test_resume_refuses_a_different_config(tiny, tmp_path, run_of):
     run_of(tiny(), tmp_path).fit()
     other = run_of(tiny(method={"loss": "l1"}), tmp_path)

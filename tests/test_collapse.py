@@ -67,27 +67,31 @@ def test_a_collapse_in_a_200_iteration_run_reinitialises_the_generator(tiny, run
 
 def test_of_two_generators_the_one_that_collapses_is_the_one_started_afresh(tiny, run_of, tmp_path, capsys):
     run = run_of(tiny(method={"n_generators": 2, "replay_size": 4096}, train=SHORT), tmp_path)
-    # generator 1 plays the odd iterations, against a teacher that reads all it makes as one class;
-    # the mean over both generators (about 0.56) stays under the threshold, its own share does not
-    run.game.pool.choose = lambda step: ((EveryClassTeacher(), OneClassTeacher())[step % 2], None)
+    # generator 0 plays the even iterations, against a teacher that reads all it makes as one class;
+    # the mean over both generators (about 0.56) stays under the threshold, its own share does not.
+    # Generator 1 plays the iteration before each log step, so a reset of the last player would miss.
+    run.game.pool.choose = lambda step: ((OneClassTeacher(), EveryClassTeacher())[step % 2], None)
     memories, reset = [], run.game.reset_generator
 
     def watched(k, seed):
         reset(k, seed)
-        memory = run.game.batches.memory
-        memories.append((run.iterations_done, k, memory.size, set(memory.owners[: memory.size].tolist())))
+        memory, players = run.game.batches.memory, run.game.generator_players
+        fresh = [not p.optimizer.state for p in players]  # which optimizers start afresh
+        memories.append(
+            (run.iterations_done, k, fresh, memory.size, set(memory.owners[: memory.size].tolist()))
+        )
 
     run.game.reset_generator = watched
     run.fit()
     logged = [r for r in records(tmp_path) if "health/collapse" in r]
     assert [r["health/collapse"] for r in logged] == [0.0, 1.0, 0.0, 1.0]
-    assert all(r["train/top_class_frac_g1"] == 1.0 and r["train/top_class_frac_g0"] < 0.2 for r in logged)
+    assert all(r["train/top_class_frac_g0"] == 1.0 and r["train/top_class_frac_g1"] < 0.2 for r in logged)
     assert all(r["train/top_class_frac"] < 0.9 for r in logged), "the mean alone would hide it"
-    # batches of 16, 50 per generator and interval pair: generator 0's 800, then 1,600, stay
-    assert memories == [(100, 1, 800, {0}), (200, 1, 1600, {0})], (
-        "only generator 1 starts afresh, and only its images leave the memory"
+    # generator 1 makes 50 batches of 16 by step 100 (800 images) and 100 by step 200 (1,600)
+    assert memories == [(100, 0, [True, False], 800, {1}), (200, 0, [True, False], 1600, {1})], (
+        "only generator 0 starts afresh, and only its images leave the memory"
     )
-    assert "generator 1 starts afresh" in capsys.readouterr().err
+    assert "generator 0 starts afresh" in capsys.readouterr().err
 
 
 def test_reset_generator_draws_fresh_weights_and_clears_the_optimizer(tiny, run_of, tmp_path):

@@ -19,17 +19,18 @@ def test_ring_buffer_keeps_the_newest_and_round_trips():
 
 def test_dropping_a_generator_keeps_the_others_entries_oldest_first():
     memory = ReplayMemory(capacity=6)
-    for i in range(4):  # batches of 2 from generators 0, 1, 0, 1: 0..7, the oldest (0, 1) overwritten
-        memory.add(torch.tensor([[2.0 * i], [2.0 * i + 1]]), torch.zeros(2, 3), owner=i % 2)
+    for i, owner in enumerate([0, 1, 0, 0]):  # 0..7 in batches of 2; 6, 7 overwrite 0, 1
+        memory.add(torch.tensor([[2.0 * i], [2.0 * i + 1]]), torch.zeros(2, 3), owner=owner)
+    assert memory.images.flatten().tolist() == [6.0, 7.0, 2.0, 3.0, 4.0, 5.0] and memory.cursor == 2
     memory.drop(1)
-    assert memory.size == 2 and memory.images[:2].flatten().tolist() == [4.0, 5.0]
-    assert memory.cursor == 2, "the ring goes on after the kept entries"
-    memory.add(torch.tensor([[8.0], [9.0], [10.0], [11.0], [12.0]]), torch.zeros(5, 3), owner=1)
-    assert memory.size == 6 and sorted(memory.images.flatten().tolist()) == [5.0, 8.0, 9.0, 10.0, 11.0, 12.0]
+    assert memory.size == 4 and memory.images[:4].flatten().tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert memory.cursor == 4, "the ring goes on after the kept entries"
+    memory.add(torch.tensor([[8.0], [9.0], [10.0]]), torch.zeros(3, 3), owner=1)
+    assert memory.images.flatten().tolist() == [10.0, 5.0, 6.0, 7.0, 8.0, 9.0], "4, the oldest, went first"
     restored = ReplayMemory(capacity=6)
     restored.load_state_dict(memory.state_dict())
     restored.drop(0)
-    assert sorted(restored.images[: restored.size].flatten().tolist()) == [8.0, 9.0, 10.0, 11.0, 12.0]
+    assert restored.images[: restored.size].flatten().tolist() == [8.0, 9.0, 10.0]
     older = {k: v for k, v in memory.state_dict().items() if k != "owners"}  # before owners were kept
     restored.load_state_dict(older)
     restored.drop(0)
