@@ -44,3 +44,50 @@ class CollapseMonitor:
     def update(self, top_class_frac: float) -> bool:
         self.streak = self.streak + 1 if top_class_frac > self.threshold else 0
         return self.streak >= self.patience
+
+
+class CollapseWatch:
+    """A CollapseMonitor per generator, fed the top-class fraction of each batch that generator
+    makes. Generators taking turns are watched one by one: one that collapses shows in its own
+    batches only, where the mean over all of them would hide it."""
+
+    def __init__(self, monitors: list[CollapseMonitor]):
+        self.monitors = monitors
+        self.clear()
+
+    @classmethod
+    def for_run(
+        cls, n_generators: int, threshold: float, patience: int, iterations: int, log_every: int
+    ) -> CollapseWatch:
+        return cls(
+            [CollapseMonitor.for_run(threshold, patience, iterations, log_every) for _ in range(n_generators)]
+        )
+
+    def clear(self) -> None:
+        """Starts a new log interval."""
+        self.fractions: list[list[torch.Tensor]] = [[] for _ in self.monitors]
+
+    def record(self, generator: int, top_class_frac: torch.Tensor) -> None:
+        """One batch's fraction, kept where it is (no host sync)."""
+        self.fractions[generator].append(top_class_frac)
+
+    def interval_means(self) -> dict[int, float]:
+        """Per generator that played in the interval, its batches' mean fraction (summed in float32
+        and divided in float64, as every logged metric is); then a new interval starts."""
+        means = {k: sum(f[1:], f[0]).item() / len(f) for k, f in enumerate(self.fractions) if f}
+        self.clear()
+        return means
+
+    def update(self, means: dict[int, float]) -> tuple[list[int], bool]:
+        """Feeds each generator's monitor its interval mean. Returns the generators that collapsed
+        just now, and whether any is collapsed (one that did not play keeps its state)."""
+        idle = [m for k, m in enumerate(self.monitors) if k not in means]
+        flagged, newly = any(m.streak >= m.patience for m in idle), []
+        for k, mean in means.items():
+            monitor = self.monitors[k]
+            was = monitor.streak >= monitor.patience
+            collapsed = monitor.update(mean)
+            flagged |= collapsed
+            if collapsed and not was:
+                newly.append(k)
+        return newly, flagged

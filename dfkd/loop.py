@@ -22,7 +22,7 @@ from dfkd.checkpoint import DiskFull, remove_stale_temp_files, save_atomic
 from dfkd.config import ExperimentConfig, config_to_dict
 from dfkd.errors import DfkdError
 from dfkd.game import Game
-from dfkd.health import CollapseMonitor, first_non_finite
+from dfkd.health import CollapseWatch, first_non_finite
 from dfkd.optim import scale_lr
 from dfkd.perf import choose_perf, probe
 from dfkd.recipe import adapt_to_teachers
@@ -85,12 +85,9 @@ class Run:
         self.iterations_done = 0
         self.wall_s = 0.0
         self.rollbacks = 0
-        # one per generator: with several taking turns, one that collapses shows in its own batches
-        # only (the mean over all would hide it) and is the one started afresh
-        self.collapse_monitors = [
-            CollapseMonitor.for_run(t.collapse_threshold, t.collapse_patience, t.iterations, t.log_every)
-            for _ in self.game.generators
-        ]
+        self.collapse = CollapseWatch.for_run(
+            len(self.game.generators), t.collapse_threshold, t.collapse_patience, t.iterations, t.log_every
+        )
         self.generator_resets = 0
         self.run_id = uuid.uuid4().hex[:8]
         self.stopped = False  # by the callback or the time limit: the run finishes where it is
@@ -188,7 +185,7 @@ class Run:
         cfg = self.cfg.train
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        top_fracs = self._empty_top_fracs()
+        self.collapse.clear()
         last_log = time.perf_counter()
         while self.iterations_done < stop and not self.stopped:
             if self._signalled():
@@ -198,7 +195,7 @@ class Run:
             for k, v in out.items():
                 sums[k] = sums[k] + v if k in sums else v
             count += 1
-            top_fracs[self.game.turn].append(out["train/top_class_frac"])
+            self.collapse.record(self.game.turn, out["train/top_class_frac"])
             bar.update(1)
             step, last = self.iterations_done, cfg.iterations
             self.wall_s = time.perf_counter() - start
@@ -215,7 +212,8 @@ class Run:
                     self.roll_back(cause, tracker)
                     bar.n = self.iterations_done
                     bar.refresh()
-                    sums, count, last_log, top_fracs = {}, 0, time.perf_counter(), self._empty_top_fracs()
+                    sums, count, last_log = {}, 0, time.perf_counter()
+                    self.collapse.clear()
                     self.at_boundary = True
                     continue
             if log_now:
@@ -226,10 +224,8 @@ class Run:
                 )
                 metrics["train/lr_S"] = self.game.student_player.lr
                 # every rank decides on the mean over ranks, so a reset happens everywhere or nowhere
-                # summed in float32 and divided in float64, as every logged metric is
-                means = {k: sum(f[1:], f[0]).item() / len(f) for k, f in enumerate(top_fracs) if f}
-                fracs = {k: distributed.mean_over_ranks(mean) for k, mean in means.items()}
-                if len(top_fracs) > 1:
+                fracs = {k: distributed.mean_over_ranks(m) for k, m in self.collapse.interval_means().items()}
+                if len(self.game.generators) > 1:
                     metrics.update({f"train/top_class_frac_g{k}": frac for k, frac in fracs.items()})
                 metrics["health/collapse"] = self._check_collapse(fracs)
                 metrics["health/generator_resets"] = self.generator_resets
@@ -238,7 +234,7 @@ class Run:
                     metrics.update({f"pool/uses_{n}": u for n, u in zip(pool.names, pool.uses)})
                 tracker.log(metrics, step)
                 bar.set_postfix(loss_S=f"{metrics['train/loss_S']:.3f}", best=f"{self.report.best_acc:.1f}")
-                sums, count, last_log, top_fracs = {}, 0, now, self._empty_top_fracs()
+                sums, count, last_log = {}, 0, now
                 if self.callback is not None and self.callback(step, metrics) is False:
                     self.stopped = True
             if out_of_time and not self.stopped:
@@ -336,31 +332,19 @@ class Run:
                 f"({chance:.0f} %) while the teacher scores {report.teacher_acc:.1f} %: it is not learning. "
                 + (
                     "The generator collapsed (health/collapse): try method.priors (onehot, balance, bn)"
-                    if self.generator_resets or any(m.streak for m in self.collapse_monitors)
+                    if self.generator_resets or any(m.streak for m in self.collapse.monitors)
                     else "Lower student_optim.lr / generator_optim.lr"
                 )
             )
         return float(near)
 
-    def _empty_top_fracs(self) -> list[list[torch.Tensor]]:
-        """One empty list per generator, for the top-class fractions of the batches it makes in a
-        log interval."""
-        return [[] for _ in self.game.generators]
-
     def _check_collapse(self, top_class_fracs: dict[int, float]) -> float:
-        """Updates the monitor of each generator that played (index -> its batches' mean top-class
-        fraction); starts a collapsed one afresh when collapse_action says so. 1.0 while any generator
-        is collapsed (one that did not play in the interval keeps its state)."""
-        several = len(self.collapse_monitors) > 1
-        idle = [m for k, m in enumerate(self.collapse_monitors) if k not in top_class_fracs]
-        flagged = any(m.streak >= m.patience for m in idle)
-        for k, frac in top_class_fracs.items():
-            monitor = self.collapse_monitors[k]
-            was = monitor.streak >= monitor.patience
-            collapsed = monitor.update(frac)
-            flagged |= collapsed
-            if not collapsed or was:
-                continue
+        """Feeds each generator that played its mean top-class fraction (index -> fraction); warns of
+        one that collapsed just now and starts it afresh when collapse_action says so. 1.0 while any
+        generator is collapsed."""
+        newly, flagged = self.collapse.update(top_class_fracs)
+        several = len(self.collapse.monitors) > 1
+        for k in newly:
             reinit = self.cfg.train.collapse_action == "reinit"
             images, who = (
                 (f"generator {k}'s images", f"generator {k}")
@@ -368,14 +352,14 @@ class Run:
                 else ("synthetic images", "the generator")
             )
             warn(
-                f"generator collapse? the teacher puts {frac:.0%} of {images} in one class "
-                f"(over {monitor.patience} log intervals); "
+                f"generator collapse? the teacher puts {top_class_fracs[k]:.0%} of {images} in one class "
+                f"(over {self.collapse.monitors[k].patience} log intervals); "
                 + (f"{who} starts afresh" if reinit else "see samples/ and consider method.priors")
             )
             if reinit:
                 self.generator_resets += 1
                 self.game.reset_generator(k, self.cfg.train.seed + 7919 * self.generator_resets)
-                monitor.streak = 0  # the fresh generator gets a window of its own
+                self.collapse.monitors[k].streak = 0  # the fresh generator gets a window of its own
         return float(flagged)
 
     def finish(self, tracker: Tracker) -> dict:

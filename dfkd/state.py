@@ -49,7 +49,7 @@ def run_state(run: Run) -> dict:
         "best_acc": run.report.best_acc,
         "run_id": run.run_id,
         "rollbacks": run.rollbacks,
-        "collapse_streak": [m.streak for m in run.collapse_monitors],  # per generator
+        "collapse_streak": [m.streak for m in run.collapse.monitors],  # per generator
         "generator_resets": run.generator_resets,
         "config": config_to_dict(run.cfg),
         "latent_rngs": distributed.gather(game.latent_rng.get_state()),  # one per process (torchrun)
@@ -133,7 +133,7 @@ def load_run_state(run: Run, path: Path) -> int:
     run.rollbacks = state["rollbacks"]
     streaks = state["collapse_streak"]
     streaks = [streaks] if isinstance(streaks, int) else streaks  # one number in older checkpoints
-    for monitor, streak in zip(run.collapse_monitors, streaks):
+    for monitor, streak in zip(run.collapse.monitors, streaks):
         monitor.streak = streak
     run.generator_resets = state.get("generator_resets", 0)  # absent from older checkpoints
     _apply(changes, run)

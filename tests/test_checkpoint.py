@@ -128,7 +128,7 @@ def test_a_checkpoint_from_before_per_generator_collapse_state_still_resumes(tin
     torch.save(state, path)
     resumed = run_of(cfg, tmp_path)
     resumed.resume(path)
-    assert [m.streak for m in resumed.collapse_monitors] == [1]
+    assert [m.streak for m in resumed.collapse.monitors] == [1]
     assert resumed.game.batches.memory.owners[: resumed.game.batches.memory.size].eq(0).all()
     resumed.fit()
     assert resumed.iterations_done == 4

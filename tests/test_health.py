@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dfkd.errors import DfkdError
-from dfkd.health import CollapseMonitor, first_non_finite
+from dfkd.health import CollapseMonitor, CollapseWatch, first_non_finite
 
 
 def records(run_dir):
@@ -88,6 +88,18 @@ def test_collapse_monitor_needs_a_sustained_streak():
         True,
         True,
     ]
+
+
+def test_each_generator_is_watched_on_its_own_batches():
+    watch = CollapseWatch([CollapseMonitor(threshold=0.9, patience=2) for _ in range(2)])
+    for turn in range(4):  # generator 0 makes one-class batches, generator 1 varied ones
+        watch.record(turn % 2, torch.tensor(1.0 if turn % 2 == 0 else 0.2))
+    means = watch.interval_means()
+    assert means == {0: 1.0, 1: pytest.approx(0.2)} and watch.interval_means() == {}, "a new interval"
+    assert watch.update(means) == ([], False)
+    assert watch.update(means) == ([0], True), "generator 0 after two intervals"
+    assert watch.update({1: 0.2}) == ([], True), "still collapsed while it did not play"
+    assert watch.update({0: 1.0}) == ([], True), "collapsed, but not just now"
 
 
 def test_a_collapsed_generator_is_flagged(tiny, tmp_path, run_of, capsys):
