@@ -128,8 +128,9 @@ class MethodConfig:
     # its samples where the teacher is confident and spread over all classes.
     priors: dict[str, float] = field(default_factory=dict)
     # With no priors and a plain generator given: fit the recipe to the teachers (dfkd.recipe; a
-    # BatchNorm teacher gets Fast-DFKD's generator game in the settings left at their defaults).
-    # The run prints what it changed; false plays the game exactly as configured.
+    # BatchNorm teacher gets Fast-DFKD's generator game in the settings nobody set: those outside
+    # `given` that hold their default). The run prints what it changed; false plays the game
+    # exactly as configured.
     adapt_to_teacher: bool = True
     activation_layer: str | None = None  # the teacher layer the `activation` prior reads
     # CMI's contrastive term for the generator (dfkd.contrast), weight `contrast` (0 disables it):
@@ -291,6 +292,10 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # The dotted settings an experiment file, the command line or `with_settings` set, recorded by
+    # the loader, so that a value given at its default is kept by the recipe (dfkd.recipe). Not part
+    # of what the config says: two configs that differ only here are equal.
+    given: list[str] = field(default_factory=list, compare=False)
 
     def validate(self) -> ExperimentConfig:
         """Every value in range, every name known; the first one that is not is an error naming its key."""

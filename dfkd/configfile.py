@@ -126,10 +126,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     return config_from_dict(data)
 
 
+def set_keys(data: dict, section: Any, prefix: str = "") -> set[str]:
+    """The dotted settings the mapping `data` sets on the dataclass `section`: its leaves, where a
+    map (`method.priors`) or list (`teachers`) counts as one setting."""
+    keys = set()
+    for key, value in data.items():
+        current = getattr(section, key, None)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            keys |= set_keys(value, current, f"{prefix}{key}.")
+        else:
+            keys.add(prefix + key)
+    return keys
+
+
+def _with_given(config: ExperimentConfig, data: dict) -> ExperimentConfig:
+    """`config`, its `given` extended by the settings `data` sets."""
+    config.given = sorted((set(config.given) | set_keys(data, config)) - {"given"})
+    return config.validate()
+
+
 def config_from_dict(data: dict) -> ExperimentConfig:
+    """The config `data` describes; every setting in it counts as given."""
     from dfkd.config import ExperimentConfig
 
-    return _build(ExperimentConfig(), data).validate()
+    return _with_given(_build(ExperimentConfig(), data), data)
 
 
 def config_to_dict(config: ExperimentConfig) -> dict:
@@ -137,11 +157,15 @@ def config_to_dict(config: ExperimentConfig) -> dict:
 
 
 def with_settings(config: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConfig:
-    """A validated copy of `config` with dotted keys set: {"perf.compile": True}."""
-    data = config_to_dict(config)
+    """A validated copy of `config` with dotted keys set: {"perf.compile": True}; they join what
+    it was given."""
+    from dfkd.config import ExperimentConfig
+
+    data, changed = config_to_dict(config), {}
     for dotted, value in settings.items():
         _set_dotted(data, dotted, value)
-    return config_from_dict(data)
+        _set_dotted(changed, dotted, value)
+    return _with_given(_build(ExperimentConfig(), data), changed)
 
 
 # --- experiment files ------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ default output in the valid pixel range, not DFAD's standardized one (ResNet-8 o
 -> 63 %), and batches are 128 images, not 256: twice the iterations in the same time, which a slow
 teacher needs more than a larger batch (WRN-16-1 0.67 -> 0.77 of the teacher in 600 s of one core).
 
-Only settings the user left at their defaults are adapted (one given at its default value counts
-as left: method.adapt_to_teacher=false and the game spelled out sets it back); the adaptation is
+Only settings nobody set are adapted: those at their default and not in the config's `given`, which
+the loader fills from the experiment file and the command line, so a value given at its default
+stays; the adaptation is
 one line that the run prints, that summary.json keeps, and that the written config.yaml (and W&B's)
 carries as values.
 """
@@ -161,9 +162,10 @@ def adapt_to_teachers(
             "no teacher has BatchNorm layers" if len(teachers) > 1 else "the teacher has no BatchNorm layers"
         )
         game, name = PLAIN_GAME, "the plain game with jitter and the input statistics"
-    given, default = config_to_dict(cfg), config_to_dict(ExperimentConfig())
-    changes = {k: v for k, v in game.items() if _value(given, k) == _value(default, k)}
-    kept = [_override(k, _value(given, k)) for k in game if k not in changes]
+    settings, default = config_to_dict(cfg), config_to_dict(ExperimentConfig())
+    left = [k for k in game if k not in cfg.given and _value(settings, k) == _value(default, k)]
+    changes = {k: game[k] for k in left}
+    kept = [_override(k, _value(settings, k)) for k in game if k not in changes]
     reasons = []
     if "method.n_generators" in changes and (alone := one_generator_options(cfg)):
         del changes["method.n_generators"]

@@ -24,8 +24,9 @@ from dfkd.optim import replan, scale_lr
 if TYPE_CHECKING:
     from dfkd.loop import Run
 
-# Sections that change how the same algorithm runs or is recorded, not what it computes.
-MAY_CHANGE_ON_RESUME = ("perf", "tracking", "eval")
+# Sections that change how the same algorithm runs or is recorded, not what it computes (and `given`,
+# where each setting came from).
+MAY_CHANGE_ON_RESUME = ("perf", "tracking", "eval", "given")
 # Keys a resumed run may change; the change is recorded in the run (resume/<key> in metrics.jsonl).
 TUNABLE_ON_RESUME = (
     "train.iterations",

@@ -1,6 +1,16 @@
-import pytest
+import dataclasses
 
-from dfkd.config import ExperimentConfig, config_to_dict, load_config, parse_override
+import pytest
+import yaml
+
+from dfkd.config import (
+    ExperimentConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_override,
+    with_settings,
+)
 from dfkd.errors import DfkdError
 
 
@@ -109,6 +119,7 @@ DEFAULTS = {
         "run_name": None,
         "init_timeout": 60.0,
     },
+    "given": [],
 }
 
 
@@ -130,6 +141,23 @@ def test_yaml_and_dotted_overrides(tmp_path):
     # a section given in YAML starts from that section's own defaults, not another's
     assert cfg.student_optim.name == ExperimentConfig().student_optim.name
     assert cfg.student_optim.lr == 0.5
+
+
+def test_the_config_records_which_settings_were_given(tmp_path):
+    path = write(tmp_path, "name: x\nmethod:\n  n_generators: 1\n  priors: {bn: 1}\nteachers: []\n")
+    cfg = load_config(path, ["train.batch_size=256", "method.priors.tv=0.5"])
+    assert cfg.given == ["method.n_generators", "method.priors", "name", "teachers", "train.batch_size"]
+    assert load_config().given == [] and ExperimentConfig().given == []
+    # settings made later join it, and copies keep it
+    later = with_settings(cfg, {"perf.compile": True})
+    assert later.given == sorted([*cfg.given, "perf.compile"])
+    assert dataclasses.replace(later, name="y").given == later.given
+    # the written config.yaml says everything, so everything in it counts as given
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(later)))
+    again = load_config(tmp_path / "config.yaml")
+    assert "train.iterations" in again.given and set(later.given) <= set(again.given)
+    # where a value came from is not part of what the config says
+    assert again == later and config_from_dict(config_to_dict(ExperimentConfig())) == ExperimentConfig()
 
 
 def test_int_widens_to_float_but_not_the_reverse(tmp_path):

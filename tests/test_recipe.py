@@ -7,6 +7,7 @@ import torch.nn as nn
 import yaml
 
 from dfkd.config import ExperimentConfig, load_config, with_settings
+from dfkd.configfile import shipped_experiments
 from dfkd.models import build_classifier
 from dfkd.recipe import BATCHNORM_GAME, PLAIN_GAME, adapt_to_teachers, forward_flops
 from dfkd.spec import InputSpec
@@ -50,6 +51,29 @@ def test_settings_the_user_gave_are_kept_and_the_rest_adapted():
     assert cfg.method.n_generator_steps == 3 and cfg.generator_optim.lr == 1e-4
     assert cfg.generator.conditional and cfg.method.priors == BATCHNORM_GAME["method.priors"]
     assert "kept as given: method.n_generator_steps=3 generator_optim.lr=0.0001" in note
+
+
+def test_a_setting_given_at_its_default_value_is_kept(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("method:\n  n_generators: 1\n")
+    given = load_config(path, ["train.batch_size=256"])
+    assert given == ExperimentConfig()  # both at their defaults, but given
+    cfg, (note,) = adapt(given, [teacher("resnet8")])
+    assert cfg.method.n_generators == 1 and cfg.train.batch_size == 256
+    assert cfg.generator.conditional and cfg.method.priors == BATCHNORM_GAME["method.priors"]
+    assert "kept as given: method.n_generators=1 train.batch_size=256" in note
+    # a config built in Python has given nothing: its defaults are left to the recipe
+    assert adapt(ExperimentConfig(), [teacher("resnet8")])[0].method.n_generators == 2
+
+
+def test_the_shipped_experiments_that_adapt_leave_the_games_settings_to_the_recipe():
+    games = set(BATCHNORM_GAME) | set(PLAIN_GAME)
+    adapting = {}
+    for name, path in shipped_experiments().items():
+        cfg = load_config(path)
+        if cfg.method.adapt_to_teacher and not cfg.method.priors and not cfg.generator.conditional:
+            adapting[name] = games.intersection(cfg.given)
+    assert "mnist5k_demo" in adapting and not any(adapting.values()), adapting
 
 
 def test_an_option_that_follows_one_generator_keeps_one():
