@@ -331,7 +331,8 @@ class Run:
                 f"the student scores {evals['eval/student_acc']:.1f} % at step {step}, near chance "
                 f"({chance:.0f} %) while the teacher scores {report.teacher_acc:.1f} %: it is not learning. "
                 + (
-                    "The generator collapsed (health/collapse): try method.priors (onehot, balance, bn)"
+                    f"{'A' if len(self.collapse.monitors) > 1 else 'The'} generator collapsed "
+                    "(health/collapse): try method.priors (onehot, balance, bn)"
                     if self.generator_resets or any(m.streak for m in self.collapse.monitors)
                     else "Lower student_optim.lr / generator_optim.lr"
                 )
