@@ -37,9 +37,8 @@ teacher needs more than a larger batch (WRN-16-1 0.67 -> 0.77 of the teacher in 
 
 Only settings nobody set are adapted: those at their default and not in the config's `given`, which
 the loader fills from the experiment file and the command line, so a value given at its default
-stays; the adaptation is
-one line that the run prints, that summary.json keeps, and that the written config.yaml (and W&B's)
-carries as values.
+stays. The adaptation is one line that the run prints, that summary.json keeps, and that the
+written config.yaml (and W&B's) carries as values.
 """
 
 from __future__ import annotations
