@@ -28,7 +28,7 @@ from preset_table import CALIBRATION_ITERATIONS, iterations_within, row, run
 from dfkd.config import load_config
 
 RUNS = Path(__file__).parent
-BASE = RUNS / "mnist5k_demo.yaml"  # the defaults, spelled out, on MNIST-5k
+BASE = RUNS / "mnist5k_demo.yaml"  # the defaults on MNIST-5k, the recipe's settings left to it
 USER_CNN = f"{os.path.relpath(RUNS / 'user_cnn.py')}:SmallCNN"  # valid from where the script runs
 DATA = {"mnist5k": [], "fmnist": ["data.name=fashion_mnist"]}
 BUDGET = {"mnist5k": 600.0, "fmnist": 1800.0}  # seconds of distilling per run, at most
