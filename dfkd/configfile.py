@@ -126,14 +126,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     return config_from_dict(data)
 
 
-def set_keys(data: dict, section: Any, prefix: str = "") -> set[str]:
+def _set_keys(data: dict, section: Any, prefix: str = "") -> set[str]:
     """The dotted settings the mapping `data` sets on the dataclass `section`: its leaves, where a
     map (`method.priors`) or list (`teachers`) counts as one setting."""
     keys = set()
     for key, value in data.items():
         current = getattr(section, key, None)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            keys |= set_keys(value, current, f"{prefix}{key}.")
+            keys |= _set_keys(value, current, f"{prefix}{key}.")
         else:
             keys.add(prefix + key)
     return keys
@@ -141,7 +141,7 @@ def set_keys(data: dict, section: Any, prefix: str = "") -> set[str]:
 
 def _with_given(config: ExperimentConfig, data: dict) -> ExperimentConfig:
     """`config`, its `given` extended by the settings `data` sets."""
-    config.given = sorted((set(config.given) | set_keys(data, config)) - {"given"})
+    config.given = sorted((set(config.given) | _set_keys(data, config)) - {"given"})
     return config.validate()
 
 
