@@ -14,6 +14,12 @@ def random_batch_shift(x: torch.Tensor, max_shift: int = 2) -> torch.Tensor:
     return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
 
 
+def box_blur(x: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Each pixel replaced by the mean of the size×size window around it (at the border, of the
+    window's pixels inside the image)."""
+    return F.avg_pool2d(x, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
 def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Shift each image by its own whole-pixel offset in [-max_shift, max_shift], replicating borders."""
     n, _, h, w = x.shape

@@ -18,7 +18,8 @@ LOSSES: Registry = Registry("loss")
 # Taps are what the method reads from inside the teacher, only for the priors that need them
 # (PRIOR_TAPS): `bn_inputs`, (input, running_mean, running_var) per BatchNorm layer;
 # `activation`, the output of the layer method.activation_layer; `images`, the synthetic batch;
-# `targets`, the classes a conditional generator's latents code for (dfkd.latents).
+# `targets`, the classes a conditional generator's latents code for (dfkd.latents); `blurred`, the
+# teacher's logits for the synthetic batch under a 3×3 box blur (dfkd.augment.box_blur).
 PRIORS: Registry = Registry("generator prior")
 PRIOR_TAPS = {
     "bn": "bn_inputs",
@@ -27,6 +28,7 @@ PRIOR_TAPS = {
     "tv": "images",
     "input_kl": "images",
     "target": "targets",
+    "blur": "blurred",
 }
 
 
@@ -154,6 +156,16 @@ def input_kl(teacher: torch.Tensor, images: torch.Tensor | None = None, **taps) 
     contrast of real images, known without any of them."""
     zeros = images.new_zeros(images.shape[1])
     return _gaussian_kl(images, zeros, zeros + 1).mean()
+
+
+@PRIORS.register("blur")
+def blur_survival(teacher: torch.Tensor, blurred: torch.Tensor | None = None, **taps) -> torch.Tensor:
+    """Cross-entropy of the teacher's reading of the blurred batch to the class it reads in the
+    sharp one: images whose class survives the loss of fine texture. A teacher that pools its
+    features over positions can name a class from texture alone, and images that only carry
+    texture teach that to a student of its own family but not to one that reads shapes at fixed
+    positions; under this prior the class shows in the images' coarser shapes too."""
+    return F.cross_entropy(blurred.float(), teacher.argmax(1))
 
 
 @PRIORS.register("activation")

@@ -223,3 +223,32 @@ def test_total_variation_prior_golden_value_and_run(tiny, tmp_path, run_of):
     a = x.double().numpy()
     expected = (np.abs(np.diff(a, axis=-1)).mean() + np.abs(np.diff(a, axis=-2)).mean()) / 2
     assert losses["prior_tv"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_box_blur_averages_each_window_inside_the_image():
+    from dfkd.augment import box_blur
+
+    x = torch.tensor([[[[0.0, 3.0, 6.0], [9.0, 0.0, 0.0]]]])
+    # each 3×3 window, cut to the pixels inside the 2×3 image
+    expected = [[(0 + 3 + 9 + 0) / 4, (0 + 3 + 6 + 9) / 6, (3 + 6 + 0 + 0) / 4]] * 2
+    assert torch.allclose(box_blur(x), torch.tensor([[expected]]))
+
+
+def test_blur_prior_golden_value_and_run(tiny, tmp_path, run_of):
+    from dfkd.augment import box_blur
+    from dfkd.losses import PRIORS
+
+    sharp = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], dtype=torch.double)
+    blurred = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.double, requires_grad=True)
+    got = PRIORS.get("blur")(sharp, blurred=blurred)
+    # the blurred readings' cross-entropy to the sharp readings' classes (0 and 2)
+    expected = ((math.log(2 + math.e) - 0) + (math.log(2 + math.e) - 1)) / 2
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    got.backward()
+    assert blurred.grad.abs().sum() > 0
+    game, losses, x = prior_alone(tiny, run_of, tmp_path, "blur", teacher={"arch": "resnet8"})
+    # the tap is the teacher's reading of the step's batch blurred, against its reading of the batch
+    with torch.no_grad(), game.autocast():
+        sharp, blurred = game.teacher(x).float(), game.teacher(box_blur(x)).float()
+    expected = torch.nn.functional.cross_entropy(blurred, sharp.argmax(1))
+    assert losses["prior_blur"].item() == pytest.approx(expected.item(), rel=1e-3)

@@ -31,7 +31,7 @@ OWN_CODE = tuple(
     str(Path(package.__file__).parent) + os.sep for package in (dfkd, generators, discriminators)
 )
 FEATURES = {"features": [["features.5", "features.5"]], "feature_weight": 1.0}
-PRIORS = {"onehot": 1.0, "balance": 1.0, "tv": 1.0, "bn": 0.1, "bn_kl": 1.0, "input_kl": 1.0}
+PRIORS = {"onehot": 1.0, "balance": 1.0, "tv": 1.0, "bn": 0.1, "bn_kl": 1.0, "input_kl": 1.0, "blur": 1.0}
 
 
 TWO_TEACHERS = [{"arch": "lenet5", "epochs": 1}, {"arch": "mlp", "epochs": 1, "seed": 1}]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dfkd.augment import random_resized_crop
+from dfkd.augment import box_blur, random_resized_crop
 from dfkd.config import MethodConfig
 from dfkd.contrast import InstanceContrast, instance_features
 from dfkd.errors import DfkdError
@@ -144,6 +144,9 @@ class Adversarial(Method):
             taps["activation"] = acts[act[0]]
         if "images" in wanted:
             taps["images"] = x
+        if "blurred" in wanted:
+            with phase("teacher forward"):
+                taps["blurred"] = teacher(box_blur(x))
         if self.contrast is not None:
             local = random_resized_crop(x, self.cfg.contrast_crop, self.rng)
             with capture(teacher, list(bn_layers), inputs=True) as local_in, phase("teacher forward"):
