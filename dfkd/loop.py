@@ -25,7 +25,7 @@ from dfkd.game import Game
 from dfkd.health import CollapseWatch, first_non_finite
 from dfkd.optim import scale_lr
 from dfkd.perf import choose_perf, probe
-from dfkd.recipe import adapt_to_teachers
+from dfkd.recipe import adapt_to_teachers, why_not_adapted
 from dfkd.report import Report, student_meta
 from dfkd.signals import Interrupted, boundary_signals
 from dfkd.state import load_run_state, run_state
@@ -122,7 +122,7 @@ class Run:
             tqdm.write(f"dfkd: perf: {self.perf_choice}", file=sys.stderr)
         if self.iterations_done == 0:
             if self.main:
-                for note in self.adaptations:
+                for note in self.adaptations or filter(None, [why_not_adapted(self.cfg)]):
                     tqdm.write(f"dfkd: recipe: {note}", file=sys.stderr)
             teacher = self.report.teacher_metrics()
             if teacher:

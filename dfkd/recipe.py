@@ -141,12 +141,32 @@ def student_steps_within(
     return steps, f"method.n_student_steps={steps} {reason} (MFLOPs an image: {cost})"
 
 
+def _configured_by_hand(cfg: ExperimentConfig) -> list[str]:
+    """The settings that make a config its own method (a preset's priors, a class-coded generator):
+    the recipe fits nothing to the teacher around them."""
+    hand = {"method.priors": cfg.method.priors, "generator.conditional": cfg.generator.conditional}
+    return [key for key, value in hand.items() if value]
+
+
+def why_not_adapted(cfg: ExperimentConfig) -> str | None:
+    """Why a config that lets the recipe adapt it is run as given (None: it is adapted, or
+    method.adapt_to_teacher=false says not to): a prior added to the default recipe replaces its
+    whole game, which the user should hear of."""
+    hand = _configured_by_hand(cfg)
+    if not cfg.method.adapt_to_teacher or not hand:
+        return None
+    return (
+        f"{' and '.join(hand)} set: the game runs as configured, not fitted to the teacher; to add to "
+        "the recipe's game, pass the settings a run without them lists on its 'dfkd: recipe:' line "
+        "as well (method.adapt_to_teacher=false silences this)"
+    )
+
+
 def adapt_to_teachers(
     cfg: ExperimentConfig, teachers: list[nn.Module], student: nn.Module, spec: InputSpec
 ) -> tuple[ExperimentConfig, list[str]]:
     """The config to run and the adaptations made, one readable line each (none: the config as given)."""
-    m = cfg.method
-    if not m.adapt_to_teacher or m.priors or cfg.generator.conditional:
+    if not cfg.method.adapt_to_teacher or _configured_by_hand(cfg):
         return cfg, []
     with_bn = [len(batchnorm_layers(t)) for t in teachers]
     if any(with_bn):

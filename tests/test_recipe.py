@@ -9,7 +9,7 @@ import yaml
 from dfkd.config import ExperimentConfig, load_config, with_settings
 from dfkd.configfile import shipped_experiments
 from dfkd.models import build_classifier
-from dfkd.recipe import BATCHNORM_GAME, PLAIN_GAME, adapt_to_teachers, forward_flops
+from dfkd.recipe import BATCHNORM_GAME, PLAIN_GAME, adapt_to_teachers, forward_flops, why_not_adapted
 from dfkd.spec import InputSpec
 
 SPEC = InputSpec(channels=1, size=32, num_classes=10, mean=(0.1307,), std=(0.3081,))
@@ -154,6 +154,19 @@ def test_what_the_user_set_is_left_alone():
     ):
         given = with_settings(ExperimentConfig(), settings)
         assert adapt(given, [teacher("resnet8")]) == (given, [])
+    # a prior or a class-coded generator set by hand says that it replaces the recipe's game
+    hand = with_settings(ExperimentConfig(), {"method.priors": {"blur": 1.0}, "generator.conditional": True})
+    assert why_not_adapted(hand).startswith("method.priors and generator.conditional set: the game runs as")
+    assert why_not_adapted(with_settings(hand, {"method.adapt_to_teacher": False})) is None
+    assert why_not_adapted(ExperimentConfig()) is None  # adapted: its note says what changed
+
+
+def test_a_run_with_a_prior_of_its_own_says_the_recipe_left_it_alone(tiny, tmp_path, run_of, capsys):
+    run = run_of(
+        tiny(teacher={"arch": "resnet8"}, method={"priors": {"tv": 1.0}}, train={"iterations": 1}), tmp_path
+    )
+    assert run.fit()["adaptations"] == []
+    assert "dfkd: recipe: method.priors set: the game runs as configured" in capsys.readouterr().err
 
 
 def test_a_run_prints_records_and_writes_its_adaptation(tiny, tmp_path, run_of, capsys):
