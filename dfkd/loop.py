@@ -100,6 +100,11 @@ class Run:
         self.saved_step: int | None = None  # the step of the checkpoint on disk
 
     @property
+    def several_generators(self) -> bool:
+        """Generators take turns (method.n_generators > 1): metrics and warnings name each one."""
+        return len(self.game.generators) > 1
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
 
@@ -225,7 +230,7 @@ class Run:
                 metrics["train/lr_S"] = self.game.student_player.lr
                 # every rank decides on the mean over ranks, so a reset happens everywhere or nowhere
                 fracs = {k: distributed.mean_over_ranks(m) for k, m in self.collapse.interval_means().items()}
-                if len(self.game.generators) > 1:
+                if self.several_generators:
                     metrics.update({f"train/top_class_frac_g{k}": frac for k, frac in fracs.items()})
                 metrics["health/collapse"] = self._check_collapse(fracs)
                 metrics["health/generator_resets"] = self.generator_resets
@@ -331,7 +336,7 @@ class Run:
                 f"the student scores {evals['eval/student_acc']:.1f} % at step {step}, near chance "
                 f"({chance:.0f} %) while the teacher scores {report.teacher_acc:.1f} %: it is not learning. "
                 + (
-                    f"{'A' if len(self.collapse.monitors) > 1 else 'The'} generator collapsed "
+                    f"{'A' if self.several_generators else 'The'} generator collapsed "
                     "(health/collapse): try method.priors (onehot, balance, bn)"
                     if self.generator_resets or any(m.streak for m in self.collapse.monitors)
                     else "Lower student_optim.lr / generator_optim.lr"
@@ -344,12 +349,11 @@ class Run:
         one that collapsed just now and starts it afresh when collapse_action says so. 1.0 while any
         generator is collapsed."""
         newly, flagged = self.collapse.update(top_class_fracs)
-        several = len(self.collapse.monitors) > 1
         for k in newly:
             reinit = self.cfg.train.collapse_action == "reinit"
             images, who = (
                 (f"generator {k}'s images", f"generator {k}")
-                if several
+                if self.several_generators
                 else ("synthetic images", "the generator")
             )
             warn(
