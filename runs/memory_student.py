@@ -4,9 +4,10 @@ A fresh student is trained offline on the replay memory in each run's last check
 and the teacher logits stored with them; several runs pool their memories): Adam, cosine to zero,
 batches of 128, KL to the stored logits at temperature 1. Its accuracy on the run's test images is
 printed at each quarter. Where it reads about what the run's own student reached, the images, not
-the steps, limit the run; another student architecture (--arch) says whom the images can teach
-(runs/RESULTS.md, "Teacher families": a LeNet-5-half reads the Fashion-MNIST ResNet-8 game's
-images at 61 %, a ResNet-8 at 83 %).
+the steps, limit the run; where it reads much less, the student learnt from the sequence of batches
+(each made against the student of its time) what no one memory holds. Another architecture
+(--arch) says whom the images can teach (runs/RESULTS.md, "Teacher families": a LeNet-5-half reads
+the Fashion-MNIST ResNet-8 game's images at 61 %, a ResNet-8 at 83 %).
 
     python runs/memory_student.py OUT/fmnist_resnet8_s0
     python runs/memory_student.py OUT/fmnist_resnet8_s0 OUT/fmnist_resnet8_s1 --arch resnet8 --steps 2000
@@ -44,6 +45,7 @@ def train_offline(student, images, logits, steps: int, lr: float, seed: int, bat
     rng = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(student.parameters(), lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    quarters = {max(steps * k // 4, 1) for k in (1, 2, 3, 4)}
     student.train()
     for step in range(1, steps + 1):
         index = torch.randint(0, len(images), (batch_size,), generator=rng)
@@ -52,7 +54,7 @@ def train_offline(student, images, logits, steps: int, lr: float, seed: int, bat
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % max(steps // 4, 1) == 0 or step == steps:
+        if step in quarters:
             yield step, student
 
 
