@@ -109,6 +109,12 @@ def check(cfg: ExperimentConfig) -> None:
             "method.priors.target asks the teacher for the class each latent codes for, but "
             "generator.conditional is false; set generator.conditional=true"
         )
+    if "memory_balance" in cfg.method.priors and not cfg.method.replay_size:
+        raise DfkdError(
+            "method.priors.memory_balance weighs the balance prior by how unevenly the replay "
+            "memory's images spread over the classes, but method.replay_size is 0; set "
+            "method.replay_size (20000 in the BatchNorm game) or use the balance prior"
+        )
     if cfg.method.meta_generator is not None and cfg.method.contrast > 0:
         raise DfkdError(
             "method.meta_generator restarts the generator's optimizer every iteration, and with it "

@@ -23,6 +23,7 @@ from dfkd.batches import StudentBatches
 from dfkd.config import ExperimentConfig
 from dfkd.features import capture
 from dfkd.latents import LatentSpace
+from dfkd.losses import class_unevenness
 from dfkd.meta import MetaStart
 from dfkd.methods import Setting, build_method
 from dfkd.optim import WeightAverage
@@ -250,6 +251,14 @@ class Game:
             x = random_rotate_scale(x, m.generator_rotate, m.generator_scale, self.latent_rng)
         return x
 
+    def memory_classes(self, classes: int) -> torch.Tensor:
+        """The share of the replay memory's images in each class the teacher reads (its top logit);
+        an empty memory reads as even."""
+        memory = self.batches.memory
+        if not memory.size:
+            return torch.full((classes,), 1.0 / classes, device=self.device)
+        return top_class_counts(memory.logits[: memory.size]) / memory.size
+
     def generator_step(self) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """One ascent step; also returns its batch, detached, with the teacher's logits for reuse."""
         phase = self.phases
@@ -261,11 +270,15 @@ class Game:
             teacher_logits, taps = self.method.teacher_forward(self.teacher, x, phase)
             if self.latents.conditional:
                 taps["targets"] = self.latents.targets(z)
+            if "memory_classes" in self.method.taps:
+                taps["memory_classes"] = self.memory_classes(teacher_logits.shape[1])
             with phase("student forward"):
                 student_logits = self.student(x)
             with phase("losses"):
                 # (losses in float32 whatever the forward's precision: perf.autocast)
                 losses = self.method.generator_losses(student_logits.float(), teacher_logits.float(), **taps)
+                if "memory_classes" in taps:
+                    losses["memory_uneven"] = class_unevenness(taps["memory_classes"])
         self.generator_player.step(losses["loss"])
         return losses, (x.detach().float(), teacher_logits.detach().float())
 
@@ -333,10 +346,7 @@ class Game:
 def iteration_metrics(
     teacher_logits: torch.Tensor, generator_losses: dict, student_losses: dict, discriminator_losses: dict
 ) -> dict[str, torch.Tensor]:
-    top = teacher_logits.argmax(1)
-    # (not bincount: on CUDA it reads the largest label back to size its output, a host sync)
-    ones = torch.ones_like(top, dtype=torch.float)
-    classes = torch.zeros(teacher_logits.shape[1], device=top.device).index_add_(0, top, ones)
+    classes = top_class_counts(teacher_logits)
     # A generator collapsing onto few classes shows here first.
     out = {
         "train/loss_G": generator_losses["loss"],
@@ -348,3 +358,11 @@ def iteration_metrics(
     if discriminator_losses:
         out.update({"train/loss_D": discriminator_losses["loss"], "train/acc_D": discriminator_losses["acc"]})
     return {k: v.detach() for k, v in out.items()}
+
+
+def top_class_counts(logits: torch.Tensor) -> torch.Tensor:
+    """How many rows each class tops, as floats. Not bincount: on CUDA it reads the largest label
+    back to size its output, a host sync."""
+    top = logits.argmax(1)
+    ones = torch.ones_like(top, dtype=torch.float)
+    return torch.zeros(logits.shape[1], device=top.device).index_add_(0, top, ones)
