@@ -101,9 +101,11 @@ def class_unevenness(shares: torch.Tensor) -> torch.Tensor:
 @PRIORS.register("memory_balance")
 def memory_balance(teacher: torch.Tensor, memory_classes: torch.Tensor | None = None, **taps) -> torch.Tensor:
     """`balance`, weighted by min(1, class_unevenness(memory_classes) / UNEVEN): full while the replay
-    memory's images crowd into some of the teacher's classes, fading as they even out. A fixed
-    balance weight strong enough to even out a teacher whose images crowd (Fashion-MNIST ResNet-8)
-    costs the student of a teacher whose images are already even (MNIST-5k WRN-16-1) 1-2 points."""
+    memory's images crowd into some of the teacher's classes, fading as they even out. At 20 in the
+    BatchNorm game it lifts a teacher whose images crowd (Fashion-MNIST ResNet-8) as a fixed
+    `balance` 20 does, and costs a teacher whose images are already even (MNIST-5k WRN-16-1) about a
+    point where the fixed weight costs 1-2: every memory starts uneven, so every run gets the full
+    weight early (runs/RESULTS.md, "Teacher families")."""
     gate = torch.clamp(class_unevenness(memory_classes) / UNEVEN, max=1.0)
     return gate * balance(teacher)
 
