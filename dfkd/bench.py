@@ -63,6 +63,7 @@ def plain_config(cfg: ExperimentConfig) -> ExperimentConfig:
     unsupported = {
         "method.name": m.name != "adversarial",
         "method.priors": bool(m.priors),
+        "method.extra_priors": bool(m.extra_priors),
         "method.features": bool(m.features),
         "teachers": len(cfg.teacher_recipes) > 1,
     }

@@ -127,6 +127,10 @@ class MethodConfig:
     # Generator priors (dfkd.losses.PRIORS) and their weights, added to the generator's loss to keep
     # its samples where the teacher is confident and spread over all classes.
     priors: dict[str, float] = field(default_factory=dict)
+    # Priors added to the game's own, name -> weight: to the recipe's when it adapts the game to the
+    # teachers (priors given in `priors` replace the recipe's game), else to `priors`; a name the
+    # game already weighs takes this weight.
+    extra_priors: dict[str, float] = field(default_factory=dict)
     # With no priors and a plain generator given: fit the recipe to the teachers (dfkd.recipe; a
     # BatchNorm teacher gets Fast-DFKD's generator game in the settings nobody set: those outside
     # `given` that hold their default). The run prints what it changed; false plays the game
@@ -184,6 +188,11 @@ class MethodConfig:
     alpha: float = 1.0
     beta: float = 0.1
     gan_loss: str = "bce"  # a registered GAN objective (dfkd.losses.GAN_LOSSES): bce | lsgan | hinge
+
+    @property
+    def generator_priors(self) -> dict[str, float]:
+        """The priors the generator's loss weighs: `priors`, with `extra_priors` added."""
+        return {**self.priors, **self.extra_priors}
 
 
 @dataclass

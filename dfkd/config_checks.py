@@ -30,6 +30,23 @@ def _check_finite(node: Any, prefix: str = "") -> None:
         raise DfkdError(f"{prefix} must be a finite number, got {node}")
 
 
+def check_priors(cfg: ExperimentConfig, key: str) -> None:
+    """What the priors in method.`key` need of the rest of the config. method.extra_priors is
+    checked once the recipe has adapted the game (dfkd.loop.Run), which may supply it."""
+    priors = getattr(cfg.method, key)
+    if "target" in priors and not cfg.generator.conditional:
+        raise DfkdError(
+            f"method.{key}.target asks the teacher for the class each latent codes for, but "
+            "generator.conditional is false; set generator.conditional=true"
+        )
+    if "memory_balance" in priors and not cfg.method.replay_size:
+        raise DfkdError(
+            f"method.{key}.memory_balance weighs the balance prior by how unevenly the replay "
+            "memory's images spread over the classes, but method.replay_size is 0; set "
+            "method.replay_size (20000 in the BatchNorm game) or use the balance prior"
+        )
+
+
 def check(cfg: ExperimentConfig) -> None:
     from dfkd.optim import OPTIMIZERS, SCHEDULES
 
@@ -104,17 +121,7 @@ def check(cfg: ExperimentConfig) -> None:
         raise DfkdError(
             f"discriminator.layers must be [student_layer, teacher_layer], got {cfg.discriminator.layers}"
         )
-    if "target" in cfg.method.priors and not cfg.generator.conditional:
-        raise DfkdError(
-            "method.priors.target asks the teacher for the class each latent codes for, but "
-            "generator.conditional is false; set generator.conditional=true"
-        )
-    if "memory_balance" in cfg.method.priors and not cfg.method.replay_size:
-        raise DfkdError(
-            "method.priors.memory_balance weighs the balance prior by how unevenly the replay "
-            "memory's images spread over the classes, but method.replay_size is 0; set "
-            "method.replay_size (20000 in the BatchNorm game) or use the balance prior"
-        )
+    check_priors(cfg, "priors")
     if cfg.method.meta_generator is not None and cfg.method.contrast > 0:
         raise DfkdError(
             "method.meta_generator restarts the generator's optimizer every iteration, and with it "

@@ -150,15 +150,15 @@ def _configured_by_hand(cfg: ExperimentConfig) -> list[str]:
 
 def why_not_adapted(cfg: ExperimentConfig) -> str | None:
     """Why a config that lets the recipe adapt it is run as given (None: it is adapted, or
-    method.adapt_to_teacher=false says not to): a prior added to the default recipe replaces its
-    whole game, which the user should hear of."""
+    method.adapt_to_teacher=false says not to): a prior given in method.priors replaces the default
+    recipe's whole game, which the user should hear of, with the way to add one instead."""
     hand = _configured_by_hand(cfg)
     if not cfg.method.adapt_to_teacher or not hand:
         return None
     return (
-        f"{' and '.join(hand)} set: the game runs as configured, not fitted to the teacher; to add to "
-        "the recipe's game, pass the settings a run without them lists on its 'dfkd: recipe:' line "
-        "as well (method.adapt_to_teacher=false silences this)"
+        f"{' and '.join(hand)} set: the game runs as configured, not fitted to the teacher; to add "
+        "priors to the recipe's game, give them as method.extra_priors instead "
+        "(method.adapt_to_teacher=false silences this)"
     )
 
 

@@ -66,6 +66,7 @@ DEFAULTS = {
         "n_generators": 1,
         "reuse_samples": True,
         "priors": {},
+        "extra_priors": {},
         "adapt_to_teacher": True,
         "activation_layer": None,
         "contrast": 0.0,

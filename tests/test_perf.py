@@ -231,6 +231,8 @@ def test_the_plain_loop_runs_dfkds_algorithm(tiny, tmp_path, run_of):
 def test_bench_refuses_what_the_plain_loop_cannot_mirror(tiny):
     with pytest.raises(DfkdError, match="drop method.priors"):
         plain_config(tiny(method={"priors": {"balance": 1.0}}))
+    with pytest.raises(DfkdError, match="drop method.extra_priors"):
+        plain_config(tiny(method={"extra_priors": {"balance": 1.0}}))
 
 
 RATE = re.compile(r"(?P<name>\S.*?) +(?P<rate>\d+\.\d) +(?P<ratio>\d+\.\d\d)")

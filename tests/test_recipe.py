@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 import torch
 import torch.nn as nn
 import yaml
 
 from dfkd.config import ExperimentConfig, load_config, with_settings
 from dfkd.configfile import shipped_experiments
+from dfkd.errors import DfkdError
 from dfkd.models import build_classifier
 from dfkd.recipe import BATCHNORM_GAME, PLAIN_GAME, adapt_to_teachers, forward_flops, why_not_adapted
 from dfkd.spec import InputSpec
@@ -167,6 +169,27 @@ def test_a_run_with_a_prior_of_its_own_says_the_recipe_left_it_alone(tiny, tmp_p
     )
     assert run.fit()["adaptations"] == []
     assert "dfkd: recipe: method.priors set: the game runs as configured" in capsys.readouterr().err
+
+
+def test_extra_priors_join_the_recipes_game_and_are_checked_against_it(tiny, tmp_path, run_of):
+    extra = {"memory_balance": 20.0, "bn": 3.0}
+    cfg, (note,) = adapt(
+        with_settings(ExperimentConfig(), {"method.extra_priors": extra}), [teacher("resnet8")]
+    )
+    assert cfg.method.priors == BATCHNORM_GAME["method.priors"] and "the BatchNorm game" in note
+    # the game's priors and the extra ones, an extra weight over the game's for the same name
+    assert cfg.method.generator_priors == {"bn": 3.0, "target": 0.5, "memory_balance": 20.0}
+    run = run_of(tiny(teacher={"arch": "resnet8"}, method={"extra_priors": extra}), tmp_path / "bn")
+    losses, _ = run.game.generator_step()
+    assert {"prior_bn", "prior_target", "prior_memory_balance"} <= set(losses)
+    # the plain game keeps no memory for memory_balance to read: one line naming the extra prior
+    with pytest.raises(DfkdError, match=r"method.extra_priors.memory_balance .* method.replay_size is 0"):
+        run_of(tiny(method={"extra_priors": {"memory_balance": 1.0}}), tmp_path / "plain")
+    # with priors of one's own, the extra ones are added to those
+    mine = with_settings(
+        ExperimentConfig(), {"method.priors": {"tv": 1.0}, "method.extra_priors": {"onehot": 2}}
+    )
+    assert adapt(mine, [teacher("resnet8")])[0].method.generator_priors == {"tv": 1.0, "onehot": 2}
 
 
 def test_a_run_prints_records_and_writes_its_adaptation(tiny, tmp_path, run_of, capsys):

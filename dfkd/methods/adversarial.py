@@ -22,7 +22,7 @@ class Adversarial(Method):
         self.discrepancy = LOSSES.get(cfg.loss)
         self.temperature = cfg.temperature
         self.adversarial_weight = cfg.adversarial_weight
-        self.priors = {name: (PRIORS.get(name), weight) for name, weight in cfg.priors.items()}
+        self.priors = {name: (PRIORS.get(name), weight) for name, weight in cfg.generator_priors.items()}
         self.feature_loss = FEATURE_LOSSES.get(cfg.feature_loss)
         self.feature_weight = cfg.feature_weight
         self.feature_adapters = nn.ModuleList()
