@@ -82,6 +82,6 @@ class StudentBatches:
     def state_dict(self) -> dict:
         return {"memory": self.memory.state_dict()} if self.memory is not None else {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
         if self.memory is not None:
-            self.memory.load_state_dict(state["memory"])
+            self.memory.load_state_dict(state["memory"], device)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from dfkd.registry import Registry
 
 LOSSES: Registry = Registry("loss")
-# Generator priors: `(teacher_logits, **taps) -> scalar` to minimize, weighted in method.priors.
+# Generator priors: `(teacher_logits, **taps) -> scalar` to minimize, weighted in method.priors
+# and method.extra_priors.
 # Taps are what the method reads from inside the teacher, only for the priors that need them
 # (PRIOR_TAPS): `bn_inputs`, (input, running_mean, running_var) per BatchNorm layer;
 # `activation`, the output of the layer method.activation_layer; `images`, the synthetic batch;
@@ -104,8 +105,9 @@ def memory_balance(teacher: torch.Tensor, memory_classes: torch.Tensor | None = 
     memory's images crowd into some of the teacher's classes, fading as they even out. At 20 in the
     BatchNorm game it lifts a teacher whose images crowd (Fashion-MNIST ResNet-8) as a fixed
     `balance` 20 does, and costs a teacher whose images are already even (MNIST-5k WRN-16-1) about a
-    point where the fixed weight costs 1-2: every memory starts uneven, so every run gets the full
-    weight early (runs/RESULTS.md, "Teacher families")."""
+    point where the fixed weight costs 1-2: every memory is uneven while it fills, so every run gets
+    the full weight early (runs/RESULTS.md, "Teacher families"). An empty memory (the first
+    iteration, or a lone generator's after a reset) reads as even: no weight until it holds a batch."""
     gate = torch.clamp(class_unevenness(memory_classes) / UNEVEN, max=1.0)
     return gate * balance(teacher)
 

@@ -157,7 +157,8 @@ def why_not_adapted(cfg: ExperimentConfig) -> str | None:
         return None
     return (
         f"{' and '.join(hand)} set: the game runs as configured, not fitted to the teacher; to add "
-        "priors to the recipe's game, give them as method.extra_priors instead "
+        "priors to the recipe's game, give them as method.extra_priors instead, and to change its "
+        "other settings, pass those its 'dfkd: recipe:' line lists as well "
         "(method.adapt_to_teacher=false silences this)"
     )
 
@@ -197,5 +198,7 @@ def adapt_to_teachers(
     note = f"{found}: {name}: {said}"
     if kept:
         note += f" (kept as given: {' '.join(kept)})"
+    if cfg.method.extra_priors:
+        note += f", with {_override('method.extra_priors', cfg.method.extra_priors)}"
     reasons.append("method.adapt_to_teacher=false keeps dfkd's plain game")
     return with_settings(cfg, changes), ["; ".join([note, *reasons])]

@@ -61,11 +61,13 @@ class ReplayMemory:
             "size": self.size,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        """Restore `state` onto `device` (by default where its tensors are: a checkpoint is read
+        onto the CPU, and a run on an accelerator keeps its memory there)."""
         self.images = self.logits = self.owners = None
         self.size = self.cursor = 0
         if state["images"] is not None:
-            self.add(state["images"], state["logits"])
+            self.add(state["images"].to(device), state["logits"].to(device))
             if state.get("owners") is not None:  # absent from older checkpoints: all filed under 0
-                self.owners[: self.size] = state["owners"]
+                self.owners[: self.size] = state["owners"].to(device)
         self.cursor, self.size = state["cursor"], state["size"]

@@ -80,7 +80,7 @@ def _with_defaults(saved: dict) -> dict:
 def _leaves(data: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in data.items():
-        if isinstance(value, dict) and key not in ("priors", "kwargs"):
+        if isinstance(value, dict) and key not in ("priors", "extra_priors", "kwargs"):
             out.update(_leaves(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
@@ -120,7 +120,7 @@ def load_run_state(run: Run, path: Path) -> int:
     for name, player in game.players.items():
         player.optimizer.load_state_dict(state[f"opt_{name}"])
         player.schedule.load_state_dict(state[f"sched_{name}"])
-    game.batches.load_state_dict(state)
+    game.batches.load_state_dict(state, game.device)
     rngs = state["latent_rngs"] if "latent_rngs" in state else [state["latent_rng"]]  # older checkpoints
     if distributed.rank() < len(rngs):  # else: a process the saved run did not have keeps its fresh seed
         game.latent_rng.set_state(rngs[distributed.rank()])

@@ -1,5 +1,6 @@
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,17 @@ def test_resume_refuses_a_different_config(tiny, tmp_path, run_of):
     other = run_of(tiny(method={"loss": "l1"}), tmp_path)
     with pytest.raises(DfkdError, match="config differs from the saved run in method"):
         other.resume(tmp_path / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize("key", ["priors", "extra_priors"])
+def test_resume_refuses_a_prior_dropped_or_added(key):
+    from dfkd.config import ExperimentConfig, config_to_dict, with_settings
+    from dfkd.state import check_resumable
+
+    with_prior = with_settings(ExperimentConfig(), {f"method.{key}": {"onehot": 1.0}})
+    saved, path = config_to_dict(with_prior), Path("last.pt")
+    with pytest.raises(DfkdError, match=f"differs from the saved run in method.{key}"):
+        check_resumable(saved, ExperimentConfig(), path)  # dropped
+    with pytest.raises(DfkdError, match=f"differs from the saved run in method.{key}"):
+        check_resumable(config_to_dict(ExperimentConfig()), with_prior, path)  # added
+    assert check_resumable(saved, with_prior, path) == {}

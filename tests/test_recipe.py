@@ -177,6 +177,7 @@ def test_extra_priors_join_the_recipes_game_and_are_checked_against_it(tiny, tmp
         with_settings(ExperimentConfig(), {"method.extra_priors": extra}), [teacher("resnet8")]
     )
     assert cfg.method.priors == BATCHNORM_GAME["method.priors"] and "the BatchNorm game" in note
+    assert 'with method.extra_priors={"memory_balance":20.0,"bn":3.0}' in note
     # the game's priors and the extra ones, an extra weight over the game's for the same name
     assert cfg.method.generator_priors == {"bn": 3.0, "target": 0.5, "memory_balance": 20.0}
     run = run_of(tiny(teacher={"arch": "resnet8"}, method={"extra_priors": extra}), tmp_path / "bn")
@@ -185,6 +186,9 @@ def test_extra_priors_join_the_recipes_game_and_are_checked_against_it(tiny, tmp
     # the plain game keeps no memory for memory_balance to read: one line naming the extra prior
     with pytest.raises(DfkdError, match=r"method.extra_priors.memory_balance .* method.replay_size is 0"):
         run_of(tiny(method={"extra_priors": {"memory_balance": 1.0}}), tmp_path / "plain")
+    # an extra prior the teacher cannot serve is refused under its own key
+    with pytest.raises(DfkdError, match=r"^method.extra_priors.bn matches the teacher's BatchNorm"):
+        run_of(tiny(method={"extra_priors": {"bn": 1.0}}), tmp_path / "lenet5")
     # with priors of one's own, the extra ones are added to those
     mine = with_settings(
         ExperimentConfig(), {"method.priors": {"tv": 1.0}, "method.extra_priors": {"onehot": 2}}

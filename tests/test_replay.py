@@ -108,3 +108,14 @@ def test_random_mixup_blends_the_chosen_fraction_with_partners_from_the_batch():
     assert 70 < int(changed.sum()) < 130  # about a quarter (a partner may be the image itself)
     assert bool((out >= 0).all() and (out <= n - 1).all()), "convex blends of two images of the batch"
     assert torch.equal(random_mixup(x, 0.0, torch.Generator().manual_seed(0)), x)
+
+
+def test_a_memory_restored_onto_a_device_lives_there():
+    # a checkpoint is read onto the CPU; a run on an accelerator restores its memory onto its own
+    # device ("meta" stands in for one here)
+    memory = ReplayMemory(capacity=4)
+    memory.add(torch.zeros(3, 1, 2, 2), torch.zeros(3, 5), owner=1)
+    restored = ReplayMemory(capacity=4)
+    restored.load_state_dict(memory.state_dict(), torch.device("meta"))
+    assert {t.device.type for t in (restored.images, restored.logits, restored.owners)} == {"meta"}
+    assert restored.size == 3 and restored.cursor == memory.cursor

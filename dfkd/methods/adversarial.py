@@ -50,23 +50,27 @@ class Adversarial(Method):
         self.build_feature_adapters(setting)
         self.build_contrast(setting)
 
+    def prior_key(self, name: str) -> str:
+        """The setting that asks for prior `name`: method.extra_priors.NAME or method.priors.NAME."""
+        return f"method.{'extra_priors' if name in self.cfg.extra_priors else 'priors'}.{name}"
+
     def check_prior_taps(self, setting: Setting) -> None:
         archs = ", ".join(setting.teacher_archs)
         prior_taps = self.prior_taps
         if "bn_inputs" in prior_taps and not any(batchnorm_layers(m) for m in setting.teachers):
             name = next(n for n in self.priors if PRIOR_TAPS.get(n) == "bn_inputs")
             raise DfkdError(
-                f"method.priors.{name} matches the teacher's BatchNorm statistics, but no teacher has "
+                f"{self.prior_key(name)} matches the teacher's BatchNorm statistics, but no teacher has "
                 f"BatchNorm layers ({archs}); drop the {name} prior or use a teacher with BatchNorm"
             )
         if "activation" in prior_taps:
             layer = self.cfg.activation_layer
             if not layer:
                 raise DfkdError(
-                    "method.priors.activation reads a teacher layer: set method.activation_layer "
+                    f"{self.prior_key('activation')} reads a teacher layer: set method.activation_layer "
                     "(the penultimate one in DAFL; dfkd layers ARCH lists them)"
                 )
-            setting.need_one_teacher_per_iteration("method.priors.activation")
+            setting.need_one_teacher_per_iteration(self.prior_key("activation"))
             for model, arch in zip(setting.teachers, setting.teacher_archs):
                 find_layers(model, [layer], f"teacher {arch}")
 
