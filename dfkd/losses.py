@@ -90,7 +90,7 @@ def balance(teacher: torch.Tensor, **taps) -> torch.Tensor:
 # The replay memory's class unevenness (class_unevenness) at which memory_balance takes its full
 # weight. Memories of the BatchNorm game on MNIST-5k read 0.007-0.07, on Fashion-MNIST ResNet-8
 # 0.15-0.20 (runs/RESULTS.md, "Teacher families").
-UNEVEN = 0.05
+UNEVEN_AT_FULL_WEIGHT = 0.05
 
 
 def class_unevenness(shares: torch.Tensor) -> torch.Tensor:
@@ -101,14 +101,14 @@ def class_unevenness(shares: torch.Tensor) -> torch.Tensor:
 
 @PRIORS.register("memory_balance")
 def memory_balance(teacher: torch.Tensor, memory_classes: torch.Tensor | None = None, **taps) -> torch.Tensor:
-    """`balance`, weighted by min(1, class_unevenness(memory_classes) / UNEVEN): full while the replay
-    memory's images crowd into some of the teacher's classes, fading as they even out. At 20 in the
-    BatchNorm game it lifts a teacher whose images crowd (Fashion-MNIST ResNet-8) as a fixed
+    """`balance`, weighted by min(1, class_unevenness(memory_classes) / UNEVEN_AT_FULL_WEIGHT): full
+    while the replay memory's images crowd into some of the teacher's classes, fading as they even
+    out. At 20 in the BatchNorm game it lifts a teacher whose images crowd (Fashion-MNIST ResNet-8) as a fixed
     `balance` 20 does, and costs a teacher whose images are already even (MNIST-5k WRN-16-1) about a
     point where the fixed weight costs 1-2: every memory is uneven while it fills, so every run gets
     the full weight early (runs/RESULTS.md, "Teacher families"). An empty memory (the first
     iteration, or a lone generator's after a reset) reads as even: no weight until it holds a batch."""
-    gate = torch.clamp(class_unevenness(memory_classes) / UNEVEN, max=1.0)
+    gate = torch.clamp(class_unevenness(memory_classes) / UNEVEN_AT_FULL_WEIGHT, max=1.0)
     return gate * balance(teacher)
 
 

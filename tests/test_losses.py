@@ -255,17 +255,17 @@ def test_blur_prior_golden_value_and_run(tiny, tmp_path, run_of):
 
 
 def test_memory_balance_prior_golden_value_and_gradient():
-    from dfkd.losses import PRIORS, UNEVEN, class_unevenness
+    from dfkd.losses import PRIORS, UNEVEN_AT_FULL_WEIGHT, class_unevenness
 
     prior, balance = PRIORS.get("memory_balance"), PRIORS.get("balance")
     crowded, slight = [0.5, 0.3, 0.2], [0.4, 0.3, 0.3]
     kl = {name: sum(p * math.log(3 * p) for p in s) for name, s in (("crowded", crowded), ("slight", slight))}
-    assert kl["crowded"] > UNEVEN > kl["slight"] > 0
+    assert kl["crowded"] > UNEVEN_AT_FULL_WEIGHT > kl["slight"] > 0
     for name, shares in (("crowded", crowded), ("slight", slight)):
         shares = torch.tensor(shares, dtype=torch.float64)
         assert class_unevenness(shares).item() == pytest.approx(kl[name], rel=1e-9)
         logits = torch.tensor(T, dtype=torch.float64, requires_grad=True)
-        gate = min(1.0, kl[name] / UNEVEN)
+        gate = min(1.0, kl[name] / UNEVEN_AT_FULL_WEIGHT)
         got = prior(logits, memory_classes=shares)
         assert got.item() == pytest.approx(gate * balance(logits).item(), rel=1e-9)
         (grad,) = torch.autograd.grad(got, logits)
@@ -278,7 +278,7 @@ def test_memory_balance_prior_golden_value_and_gradient():
 
 
 def test_memory_balance_prior_reads_the_replay_memory_of_the_run(tiny, tmp_path, run_of):
-    from dfkd.losses import PRIORS, UNEVEN
+    from dfkd.losses import PRIORS, UNEVEN_AT_FULL_WEIGHT
 
     method = {"priors": {"memory_balance": 1.0}, "replay_size": 64}
     game = run_of(tiny(method=method), tmp_path).game
@@ -293,7 +293,7 @@ def test_memory_balance_prior_reads_the_replay_memory_of_the_run(tiny, tmp_path,
     shares = np.bincount(top, minlength=teacher_logits.shape[1]) / memory.size
     uneven = float(np.sum([p * math.log(p * len(shares)) for p in shares if p > 0]))
     assert memory.size > 0 and losses["memory_uneven"].item() == pytest.approx(uneven, rel=1e-5)
-    gate = min(1.0, uneven / UNEVEN)
+    gate = min(1.0, uneven / UNEVEN_AT_FULL_WEIGHT)
     expected = gate * PRIORS.get("balance")(teacher_logits).item()
     assert losses["prior_memory_balance"].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
     with pytest.raises(DfkdError, match="method.priors.memory_balance .* method.replay_size is 0"):
