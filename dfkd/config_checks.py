@@ -71,7 +71,7 @@ def check(cfg: ExperimentConfig) -> None:
     non_negative["eval.min_teacher_margin"] = cfg.eval.min_teacher_margin
     for name in OPTIMIZER_SECTIONS:
         opt = getattr(cfg, name)
-        non_negative.update({f"{name}.weight_decay": opt.weight_decay, f"{name}.momentum": opt.momentum})
+        non_negative.update({f"{name}.{k}": getattr(opt, k) for k in ("weight_decay", "momentum", "warmup")})
     for key, value in non_negative.items():
         if value < 0:
             raise DfkdError(f"{key} must be 0 (off) or positive, got {value}")

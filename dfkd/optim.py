@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 # name -> (params, cfg, kernel options) -> optimizer; config validation reads these names.
 OPTIMIZERS: Registry = Registry("optimizer")
-# name -> (optimizer, iterations) -> schedule, stepped once per iteration.
+# name -> the learning-rate factor at progress p in [0, 1] of the planned steps; config validation
+# reads these names.
 SCHEDULES: Registry = Registry("schedule")
 
 
@@ -33,13 +34,26 @@ def _sgd(params, cfg: OptimizerConfig, kernel: dict) -> torch.optim.Optimizer:
 
 
 @SCHEDULES.register("cosine")
-def _cosine(opt: torch.optim.Optimizer, iterations: int):
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations)
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @SCHEDULES.register("constant")
-def _constant(opt: torch.optim.Optimizer, iterations: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+def _constant(progress: float) -> float:
+    return 1.0
+
+
+class Plan:
+    """The learning-rate factor at step i of a schedule planned for `steps`: the schedule's shape,
+    under a linear rise over the first `warmup` steps (from 1/warmup of the rate). Plain attributes,
+    so that the scheduler's state_dict, and with it a checkpoint, keeps the plan."""
+
+    def __init__(self, schedule: str, steps: int, warmup: int = 0):
+        self.schedule, self.steps, self.warmup = schedule, steps, warmup
+
+    def __call__(self, step: int) -> float:
+        rise = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        return rise * SCHEDULES.get(self.schedule)(min(step, self.steps) / max(self.steps, 1))
 
 
 def build_optimizer(params, cfg: OptimizerConfig, fused: bool = False) -> torch.optim.Optimizer:
@@ -47,7 +61,8 @@ def build_optimizer(params, cfg: OptimizerConfig, fused: bool = False) -> torch.
 
 
 def build_schedule(opt: torch.optim.Optimizer, cfg: OptimizerConfig, iterations: int):
-    return SCHEDULES.get(cfg.schedule)(opt, iterations)
+    """A schedule stepped once per step of `opt`, planned for `iterations` of them."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, Plan(cfg.schedule, iterations, cfg.warmup))
 
 
 def scale_lr(opt: torch.optim.Optimizer, sched, factor: float) -> None:
@@ -59,15 +74,24 @@ def scale_lr(opt: torch.optim.Optimizer, sched, factor: float) -> None:
     sched.base_lrs = [lr * factor for lr in sched.base_lrs]
 
 
-def replan(opt: torch.optim.Optimizer, sched, iterations: int) -> None:
-    """Continue a schedule as if the run had been planned for `iterations` from the start (a longer
-    or shorter resume): the cosine's length changes and the current rate moves onto the new curve."""
-    if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) or sched.T_max == iterations:
-        return
-    sched.T_max = iterations
-    progress = math.cos(math.pi * min(sched.last_epoch, iterations) / iterations)
-    for group, base in zip(opt.param_groups, sched.base_lrs):
-        group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + progress) / 2
+def replan(opt: torch.optim.Optimizer, sched, steps: int) -> None:
+    """Continue a schedule as if the run had been planned for `steps` from the start (a longer or
+    shorter resume): the plan's length changes and the current rate moves onto the new curve."""
+    for plan, group, base in zip(sched.lr_lambdas, opt.param_groups, sched.base_lrs):
+        if plan.steps != steps:
+            plan.steps = steps
+            group["lr"] = base * plan(sched.last_epoch)
+
+
+def schedule_state(saved: dict) -> dict:
+    """A saved schedule's state as build_schedule's scheduler loads it. Checkpoints written before
+    schedules were plans hold torch's CosineAnnealingLR: the same cosine, from the full rate to zero
+    over T_max steps."""
+    if "lr_lambdas" in saved:
+        return saved
+    kept = {k: v for k, v in saved.items() if k not in ("T_max", "eta_min")}
+    plan = {"schedule": "cosine", "steps": saved["T_max"], "warmup": 0}
+    return {**kept, "lr_lambdas": [dict(plan) for _ in saved["base_lrs"]]}
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from dfkd import distributed
 from dfkd.checkpoint import load_safe, load_weights
 from dfkd.config import ExperimentConfig, config_from_dict, config_to_dict
 from dfkd.errors import DfkdError
-from dfkd.optim import replan, scale_lr
+from dfkd.optim import replan, scale_lr, schedule_state
 
 if TYPE_CHECKING:
     from dfkd.loop import Run
@@ -119,7 +119,7 @@ def load_run_state(run: Run, path: Path) -> int:
         load_weights(net, state[name], f"{name} in {path}")
     for name, player in game.players.items():
         player.optimizer.load_state_dict(state[f"opt_{name}"])
-        player.schedule.load_state_dict(state[f"sched_{name}"])
+        player.schedule.load_state_dict(schedule_state(state[f"sched_{name}"]))
     game.batches.load_state_dict(state, game.device)
     rngs = state["latent_rngs"] if "latent_rngs" in state else [state["latent_rng"]]  # older checkpoints
     if distributed.rank() < len(rngs):  # else: a process the saved run did not have keeps its fresh seed

@@ -15,7 +15,9 @@ from dfkd.optim import (
     build_optimizer,
     build_schedule,
     ema_update,
+    replan,
     scale_lr,
+    schedule_state,
 )
 
 
@@ -53,6 +55,47 @@ def test_cosine_anneals_to_zero_over_the_run_and_constant_stays():
     cosine = rates(OptimizerConfig(lr=1.0), 10, 11)
     assert cosine == pytest.approx([(1 + math.cos(math.pi * i / 10)) / 2 for i in range(11)], abs=1e-12)
     assert rates(OptimizerConfig(lr=0.3, schedule="constant"), 10, 5) == [0.3] * 5
+
+
+def test_a_warmup_rises_linearly_under_the_schedule():
+    warm = rates(OptimizerConfig(lr=1.0, warmup=4), 10, 11)
+    cosine = rates(OptimizerConfig(lr=1.0), 10, 11)
+    assert warm == pytest.approx([min(1, (i + 1) / 4) * c for i, c in enumerate(cosine)], abs=1e-12)
+    assert warm[0] == pytest.approx(0.25 * 1.0) and warm[4:] == pytest.approx(cosine[4:], abs=1e-12)
+    constant = rates(OptimizerConfig(lr=0.2, schedule="constant", warmup=2), 10, 3)
+    assert constant == pytest.approx([0.1, 0.2, 0.2])
+
+
+def test_replan_moves_a_warm_schedule_onto_the_longer_plan_and_the_state_keeps_it():
+    cfg = OptimizerConfig(lr=1.0, warmup=2)
+    opt = build_optimizer([nn.Parameter(torch.zeros(1))], cfg)
+    sched = build_schedule(opt, cfg, 4)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    replan(opt, sched, 8)
+    assert opt.param_groups[0]["lr"] == pytest.approx((1 + math.cos(math.pi * 3 / 8)) / 2)
+    fresh = build_schedule(build_optimizer([nn.Parameter(torch.zeros(1))], cfg), cfg, 4)
+    fresh.load_state_dict(sched.state_dict())
+    assert (fresh.lr_lambdas[0].steps, fresh.lr_lambdas[0].warmup) == (8, 2)
+
+
+def test_a_cosine_saved_by_torchs_cosine_annealing_continues_on_the_same_curve():
+    # checkpoints written before schedules were plans hold CosineAnnealingLR's state
+    old_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = torch.optim.lr_scheduler.CosineAnnealingLR(old_opt, T_max=10)
+    for _ in range(3):
+        old_opt.step()
+        old.step()
+    cfg = OptimizerConfig(name="sgd", lr=1.0, momentum=0.0)
+    opt = build_optimizer([nn.Parameter(torch.zeros(1))], cfg)
+    sched = build_schedule(opt, cfg, 20)
+    opt.load_state_dict(old_opt.state_dict())
+    sched.load_state_dict(schedule_state(old.state_dict()))
+    assert sched.lr_lambdas[0].steps == 10
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx((1 + math.cos(math.pi * 4 / 10)) / 2, abs=1e-12)
 
 
 def test_scale_lr_scales_the_current_rate_and_the_rest_of_the_schedule():

@@ -35,6 +35,9 @@ def test_a_batchnorm_teacher_gets_the_batchnorm_game():
     assert cfg.method.n_generator_steps == 2 and cfg.method.replay_size == 20000
     # half the default batch (twice the iterations), and the default output in the pixel range
     assert cfg.train.batch_size == 128 and cfg.generator.output == "pixels"
+    # the student on SGD with momentum, as Fast-DFKD's and CMI's
+    student = cfg.student_optim
+    assert (student.name, student.lr, student.momentum, student.warmup) == ("sgd", 0.1, 0.9, 50)
     (note,) = notes
     assert "teacher has 9 BatchNorm layers" in note and "adapt_to_teacher=false" in note
     # the note spells each change as the command line takes it
@@ -53,6 +56,19 @@ def test_settings_the_user_gave_are_kept_and_the_rest_adapted():
     assert cfg.method.n_generator_steps == 3 and cfg.generator_optim.lr == 1e-4
     assert cfg.generator.conditional and cfg.method.priors == BATCHNORM_GAME["method.priors"]
     assert "kept as given: method.n_generator_steps=3 generator_optim.lr=0.0001" in note
+
+
+def test_an_optimizer_the_user_configured_is_not_swapped_for_the_games():
+    # an Adam learning rate given alone must not become SGD's: the student's optimizer stays whole
+    given = with_settings(ExperimentConfig(), {"student_optim.lr": 3e-3})
+    cfg, (note,) = adapt(given, [teacher("resnet8")])
+    student = cfg.student_optim
+    assert (student.name, student.lr, student.weight_decay, student.warmup) == ("adam", 3e-3, 0.0, 0)
+    assert "kept as given: student_optim.name=adam student_optim.lr=0.003" in note
+    assert cfg.generator.conditional and cfg.generator_optim.lr == BATCHNORM_GAME["generator_optim.lr"]
+    # an optimizer setting the game does not name counts too
+    cfg, _ = adapt(with_settings(ExperimentConfig(), {"student_optim.momentum": 0.5}), [teacher("resnet8")])
+    assert cfg.student_optim.name == "adam"
 
 
 def test_a_setting_given_at_its_default_value_is_kept(tmp_path):
