@@ -99,7 +99,9 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only
     weight_decay: float = 0.0
     schedule: str = "cosine"  # constant | cosine
-    warmup: int = 0  # steps over which the rate rises linearly to the schedule's, from 1/warmup of it
+    # Iterations (a generator's: its turns) over which the rate rises linearly to the schedule's,
+    # from 1/warmup of it; 0: none.
+    warmup: int = 0
     grad_clip: float | None = None  # max total grad norm; None disables clipping
 
 

@@ -5,6 +5,7 @@ read with `yaml.safe_load`, which builds plain data and never executes code."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -107,6 +108,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return key, value
+
+
+def as_override(dotted: str, value: Any) -> str:
+    """`key=value` as the command line takes it: generator.conditional=true, method.priors={...}."""
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return f"{dotted}={text}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:

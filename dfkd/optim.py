@@ -61,7 +61,8 @@ def build_optimizer(params, cfg: OptimizerConfig, fused: bool = False) -> torch.
 
 
 def build_schedule(opt: torch.optim.Optimizer, cfg: OptimizerConfig, iterations: int):
-    """A schedule stepped once per step of `opt`, planned for `iterations` of them."""
+    """A schedule planned for `iterations` steps of its own; the game steps it once per iteration
+    (a generator's, once per turn), however many optimizer steps an iteration takes."""
     return torch.optim.lr_scheduler.LambdaLR(opt, Plan(cfg.schedule, iterations, cfg.warmup))
 
 

@@ -43,7 +43,6 @@ written config.yaml (and W&B's) carries as values.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -52,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dfkd.config import ExperimentConfig
 from dfkd.config_checks import one_generator_options
-from dfkd.configfile import config_to_dict, with_settings
+from dfkd.configfile import as_override, config_to_dict, with_settings
 from dfkd.features import batchnorm_layers, device_of, evaluating
 from dfkd.game import generator_for
 from dfkd.spec import InputSpec
@@ -96,12 +95,6 @@ def _value(config: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         config = config[part]
     return config
-
-
-def _override(dotted: str, value: Any) -> str:
-    """`key=value` as the command line takes it: generator.conditional=true, method.priors={...}."""
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-    return f"{dotted}={text}"
 
 
 def forward_flops(model: nn.Module, inputs: torch.Tensor) -> int:
@@ -170,18 +163,28 @@ def why_not_adapted(cfg: ExperimentConfig) -> str | None:
     )
 
 
+# What an optimizer's name gives its meaning to: a learning rate given for Adam is no SGD rate.
+RATE_SETTINGS = ("lr", "betas", "momentum")
+
+
 def _left_to_recipe(cfg: ExperimentConfig, game: dict[str, Any]) -> list[str]:
     """The game's settings nobody set: outside `given` and at their default. An optimizer the game
-    swaps (its `name`) is swapped whole or not at all: a learning rate given for Adam is no SGD rate."""
+    swaps (its `name`) is not swapped for one the user chose: named otherwise, or given a rate for
+    the default optimizer; then that optimizer's settings all stay as configured."""
     settings, default = config_to_dict(cfg), config_to_dict(ExperimentConfig())
 
     def untouched(key: str) -> bool:
         return key not in cfg.given and _value(settings, key) == _value(default, key)
 
     left = [k for k in game if untouched(k)]
-    for swapped in (k.rsplit(".", 1)[0] for k in game if k.endswith(".name")):
-        if not all(untouched(f"{swapped}.{field}") for field in _value(default, swapped)):
-            left = [k for k in left if not k.startswith(f"{swapped}.")]
+    for name in (k for k in game if k.endswith(".name")):
+        section = name.rsplit(".", 1)[0]
+        if untouched(name):
+            own = not all(untouched(f"{section}.{field}") for field in RATE_SETTINGS)
+        else:
+            own = _value(settings, name) != game[name]
+        if own:
+            left = [k for k in left if not k.startswith(f"{section}.")]
     return left
 
 
@@ -206,7 +209,7 @@ def adapt_to_teachers(
         game, name = PLAIN_GAME, "the plain game with jitter and the input statistics"
     changes = {k: game[k] for k in _left_to_recipe(cfg, game)}
     settings = config_to_dict(cfg)
-    kept = [_override(k, _value(settings, k)) for k in game if k not in changes]
+    kept = [as_override(k, _value(settings, k)) for k in game if k not in changes]
     reasons = []
     if "method.n_generators" in changes and (alone := one_generator_options(cfg)):
         del changes["method.n_generators"]
@@ -215,11 +218,11 @@ def adapt_to_teachers(
         steps, reason = student_steps_within(with_settings(cfg, changes), teachers, student, spec)
         changes["method.n_student_steps"] = steps
         reasons.append(reason)
-    said = " ".join(_override(k, v) for k, v in changes.items())
+    said = " ".join(as_override(k, v) for k, v in changes.items())
     note = f"{found}: {name}: {said}"
     if kept:
-        note += f" (kept as given: {' '.join(kept)})"
+        note += f" (kept as configured: {' '.join(kept)})"
     if cfg.method.extra_priors:
-        note += f", with {_override('method.extra_priors', cfg.method.extra_priors)}"
+        note += f", with {as_override('method.extra_priors', cfg.method.extra_priors)}"
     reasons.append("method.adapt_to_teacher=false keeps dfkd's plain game")
     return with_settings(cfg, changes), ["; ".join([note, *reasons])]

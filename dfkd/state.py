@@ -18,6 +18,7 @@ import torch
 from dfkd import distributed
 from dfkd.checkpoint import load_safe, load_weights
 from dfkd.config import ExperimentConfig, config_from_dict, config_to_dict
+from dfkd.configfile import as_override
 from dfkd.errors import DfkdError
 from dfkd.optim import replan, scale_lr, schedule_state
 
@@ -94,10 +95,15 @@ def check_resumable(saved: dict, cfg: ExperimentConfig, path: Path) -> dict[str,
     changed = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
     fixed = [k for k in changed if k not in TUNABLE_ON_RESUME and k.split(".")[0] not in MAY_CHANGE_ON_RESUME]
     if fixed:
+        # where the recipe's game changed since the run began, a learning rate may differ with the
+        # rest: the saved values of all continue the saved game
+        tuned = [k for k in changed if k in TUNABLE_ON_RESUME]
+        saved_values = " ".join(as_override(k, saved.get(k)) for k in fixed + tuned)
         raise DfkdError(
             f"cannot resume {path}: config differs from the saved run in {', '.join(fixed)} "
             f"(a resumed run may change only {', '.join(TUNABLE_ON_RESUME)} "
-            "and the perf, tracking and eval sections)"
+            f"and the perf, tracking and eval sections); to continue the saved run, pass its values: "
+            f"{saved_values}"
         )
     return {k: change for k, change in changed.items() if k in TUNABLE_ON_RESUME}
 

@@ -142,6 +142,20 @@ def test_resume_refuses_a_different_config(tiny, tmp_path, run_of):
         other.resume(tmp_path / "checkpoints" / "last.pt")
 
 
+def test_a_refused_resume_names_the_saved_values_that_continue_it():
+    # a run begun before the recipe's game changed: its student learned by Adam
+    from dfkd.config import ExperimentConfig, config_to_dict, parse_override, with_settings
+    from dfkd.state import check_resumable
+
+    game = {"student_optim.name": "sgd", "student_optim.lr": 0.1, "student_optim.warmup": 50}
+    saved, now = config_to_dict(ExperimentConfig()), with_settings(ExperimentConfig(), game)
+    with pytest.raises(DfkdError, match="pass its values: student_optim.name=adam ") as refused:
+        check_resumable(saved, now, Path("last.pt"))
+    hint = str(refused.value).split("pass its values: ")[1].split()
+    assert sorted(hint) == ["student_optim.lr=0.001", "student_optim.name=adam", "student_optim.warmup=0"]
+    assert check_resumable(saved, with_settings(now, dict(map(parse_override, hint))), Path("last.pt")) == {}
+
+
 @pytest.mark.parametrize("key", ["priors", "extra_priors"])
 def test_resume_refuses_a_prior_dropped_or_added(key):
     from dfkd.config import ExperimentConfig, config_to_dict, with_settings

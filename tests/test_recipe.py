@@ -55,7 +55,7 @@ def test_settings_the_user_gave_are_kept_and_the_rest_adapted():
     cfg, (note,) = adapt(given, [teacher("resnet8")])
     assert cfg.method.n_generator_steps == 3 and cfg.generator_optim.lr == 1e-4
     assert cfg.generator.conditional and cfg.method.priors == BATCHNORM_GAME["method.priors"]
-    assert "kept as given: method.n_generator_steps=3 generator_optim.lr=0.0001" in note
+    assert "kept as configured: method.n_generator_steps=3 generator_optim.lr=0.0001" in note
 
 
 def test_an_optimizer_the_user_configured_is_not_swapped_for_the_games():
@@ -64,11 +64,25 @@ def test_an_optimizer_the_user_configured_is_not_swapped_for_the_games():
     cfg, (note,) = adapt(given, [teacher("resnet8")])
     student = cfg.student_optim
     assert (student.name, student.lr, student.weight_decay, student.warmup) == ("adam", 3e-3, 0.0, 0)
-    assert "kept as given: student_optim.name=adam student_optim.lr=0.003" in note
+    assert "kept as configured: student_optim.name=adam student_optim.lr=0.003" in note
     assert cfg.generator.conditional and cfg.generator_optim.lr == BATCHNORM_GAME["generator_optim.lr"]
-    # an optimizer setting the game does not name counts too
-    cfg, _ = adapt(with_settings(ExperimentConfig(), {"student_optim.momentum": 0.5}), [teacher("resnet8")])
-    assert cfg.student_optim.name == "adam"
+    # so does Adam's momentum, and another optimizer by name
+    for setting in ({"student_optim.betas": [0.5, 0.9]}, {"student_optim.name": "adam"}):
+        cfg, _ = adapt(with_settings(ExperimentConfig(), setting), [teacher("resnet8")])
+        assert (cfg.student_optim.name, cfg.student_optim.lr, cfg.student_optim.warmup) == ("adam", 1e-3, 0)
+
+
+def test_settings_that_mean_the_same_under_any_optimizer_keep_the_games():
+    # the game's SGD with the warm-up or weight decay given, or its name given alone
+    cfg, _ = adapt(with_settings(ExperimentConfig(), {"student_optim.warmup": 100}), [teacher("resnet8")])
+    assert (cfg.student_optim.name, cfg.student_optim.lr, cfg.student_optim.warmup) == ("sgd", 0.1, 100)
+    cfg, _ = adapt(with_settings(ExperimentConfig(), {"student_optim.name": "sgd"}), [teacher("resnet8")])
+    student = cfg.student_optim
+    assert (student.lr, student.weight_decay, student.warmup) == (
+        0.1,
+        BATCHNORM_GAME["student_optim.weight_decay"],
+        50,
+    )
 
 
 def test_a_setting_given_at_its_default_value_is_kept(tmp_path):
@@ -79,7 +93,7 @@ def test_a_setting_given_at_its_default_value_is_kept(tmp_path):
     cfg, (note,) = adapt(given, [teacher("resnet8")])
     assert cfg.method.n_generators == 1 and cfg.train.batch_size == 256
     assert cfg.generator.conditional and cfg.method.priors == BATCHNORM_GAME["method.priors"]
-    assert "kept as given: method.n_generators=1 train.batch_size=256" in note
+    assert "kept as configured: method.n_generators=1 train.batch_size=256" in note
     # a config built in Python has given nothing: its defaults are left to the recipe
     assert adapt(ExperimentConfig(), [teacher("resnet8")])[0].method.n_generators == 2
 
@@ -129,7 +143,7 @@ def test_a_torchscript_teacher_costs_what_its_network_does():
 def test_steps_the_user_gave_are_kept_and_counting_the_cost_moves_no_state():
     given = with_settings(ExperimentConfig(), {"method.n_student_steps": 7})
     cfg, (note,) = adapt(given, [teacher("wrn16_2")], teacher("wrn16_1"))
-    assert cfg.method.n_student_steps == 7 and "kept as given: method.n_student_steps=7" in note
+    assert cfg.method.n_student_steps == 7 and "kept as configured: method.n_student_steps=7" in note
     assert "keeps the student's forward FLOPs" not in note
     student = build_classifier("resnet8", in_channels=1, num_classes=10, image_size=32).train()
     frozen = student.stem[1]  # a BatchNorm the user keeps in eval mode stays so
