@@ -27,6 +27,7 @@ ADAM = {
     "betas": [0.9, 0.999],
     "weight_decay": 0.0,
     "schedule": "cosine",
+    "warmup": 0,
     "grad_clip": None,
 }
 # The defaults, written out: the MNIST-5k demo (DFAD with a KL discrepancy, LeNet-5 into LeNet-5-half).
