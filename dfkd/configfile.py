@@ -149,7 +149,19 @@ def _set_keys(data: dict, section: Any, prefix: str = "") -> set[str]:
 def _with_given(config: ExperimentConfig, data: dict) -> ExperimentConfig:
     """`config`, its `given` extended by the settings `data` sets."""
     config.given = sorted((set(config.given) | _set_keys(data, config)) - {"given"})
+    for key in config.given:
+        if not _is_setting(config, key):
+            raise DfkdError(f"given lists {key!r}, which is no setting of the config; drop it from `given`")
     return config.validate()
+
+
+def _is_setting(section: Any, dotted: str) -> bool:
+    """Whether `dotted` names one setting of the dataclass `section` (a section itself is none)."""
+    head, _, rest = dotted.partition(".")
+    if head not in {f.name for f in dataclasses.fields(section)}:
+        return False
+    value = getattr(section, head)
+    return _is_setting(value, rest) if dataclasses.is_dataclass(value) else not rest
 
 
 def config_from_dict(data: dict) -> ExperimentConfig:

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -160,6 +161,16 @@ def test_the_config_records_which_settings_were_given(tmp_path):
     assert "train.iterations" in again.given and set(later.given) <= set(again.given)
     # where a value came from is not part of what the config says
     assert again == later and config_from_dict(config_to_dict(ExperimentConfig())) == ExperimentConfig()
+
+
+def test_given_lists_only_settings_of_the_config(tmp_path):
+    path = tmp_path / "saved.yaml"
+    for bad in ("method.nope", "method", "train.iterations.x"):
+        path.write_text(f"given: [{bad}]\n")
+        with pytest.raises(DfkdError, match=rf"given lists '{re.escape(bad)}', which is no setting"):
+            load_config(path)
+    path.write_text("given: [method.priors, teachers, train.iterations]\n")
+    assert load_config(path).given == ["method.priors", "teachers", "train.iterations"]
 
 
 def test_int_widens_to_float_but_not_the_reverse(tmp_path):
