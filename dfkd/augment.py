@@ -76,3 +76,13 @@ def random_rotate_scale(
         grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.to(x.dtype)
+
+
+def random_pen_width(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image blended toward its 3×3 grey dilation (a weight w > 0) or erosion (w < 0), by its
+    own w drawn uniformly from [-strength, strength]: strokes drawn by a wider or narrower pen."""
+    w = (2 * torch.rand(x.shape[0], generator=generator) - 1) * strength
+    w = w.to(x.device, x.dtype)[:, None, None, None]
+    dilated = F.max_pool2d(x, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    return x + w.clamp(min=0) * (dilated - x) + (-w).clamp(min=0) * (eroded - x)

@@ -1,7 +1,8 @@
 """Where each student step's batch comes from, as one pipeline built from the method config.
 
 Source: the generator step's own batch and teacher logits (`reuse_samples`), a replay memory of
-past batches (`replay_size`), or a fresh batch from the generator. Then the averaged generator's
+past batches (`replay_size`; each stored with its twin drawn with another pen, which the teacher
+labels, under `replay_pen_width`), or a fresh batch from the generator. Then the averaged generator's
 share of the batch (`generator_ema`, MAD), then augmentations (`student_shift`, `student_flip`,
 `student_mixup`), which the teacher relabels. Every draw uses the run's latent generator, so a
 resumed run draws what the uninterrupted one would have.
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from dfkd.augment import random_hflip, random_mixup, random_translate
+from dfkd.augment import random_hflip, random_mixup, random_pen_width, random_translate
 from dfkd.config import MethodConfig
 from dfkd.optim import WeightAverage
 from dfkd.replay import ReplayMemory
@@ -36,11 +37,14 @@ class StudentBatches:
         self.generator_average = generator_average
         self.average_batch: Batch | None = None
 
-    def refresh(self, latest: Batch, generator: nn.Module, owner: int = 0) -> None:
-        """After the generator step(s) of generator `owner`: remember the newest batch, advance the
-        averaged generator and draw its share of this iteration's student batches."""
+    def refresh(self, latest: Batch, teacher: nn.Module, owner: int = 0) -> None:
+        """After the generator step(s) of generator `owner`: remember the newest batch (and its
+        twin drawn with another pen, which `teacher` labels), advance the averaged generator and
+        draw its share of this iteration's student batches."""
         if self.memory is not None:
             self.memory.add(*latest, owner=owner)
+            if self.cfg.replay_pen_width:
+                self.memory.add(*self._pen_twin(latest[0], teacher), owner=owner)
         if self.generator_average is not None:
             self.generator_average.update()
             share = max(1, round(self.cfg.generator_ema_mix * self.batch_size))
@@ -58,6 +62,11 @@ class StudentBatches:
         if self.memory is not None:
             return self.memory.sample(self.batch_size, self.rng)
         return latest if self.cfg.reuse_samples else self.synthesize()
+
+    @torch.no_grad()
+    def _pen_twin(self, x: torch.Tensor, teacher: nn.Module) -> Batch:
+        twin = random_pen_width(x, self.cfg.replay_pen_width, self.rng)
+        return twin, teacher(twin).float()
 
     @torch.no_grad()
     def _augment(self, batch: Batch, teacher: nn.Module) -> Batch:

@@ -157,6 +157,12 @@ class MethodConfig:
     # Keep the last `replay_size` synthetic images with their teacher logits; student steps draw
     # their batches from this memory (it always holds the newest batch). 0 disables it.
     replay_size: int = 0
+    # Each batch the memory stores gets a twin drawn with another pen: every image blended toward
+    # its 3×3 grey dilation or erosion (thicker or thinner strokes) by a weight drawn within ±this,
+    # labelled by the teacher (one teacher forward per iteration; the memory fills twice as fast).
+    # A student taught by a generator's strokes alone reads real strokes of another width worse than
+    # its teacher does. 0 stores no twin.
+    replay_pen_width: float = 0.0
     # DeepInversion's jitter: each image of a generator step is shifted by up to this many pixels
     # (its own offset) before the teacher and the student see it, so the generator is asked for
     # images whose class survives a small move. The replay memory keeps the shifted images.

@@ -30,9 +30,21 @@ def _check_finite(node: Any, prefix: str = "") -> None:
         raise DfkdError(f"{prefix} must be a finite number, got {node}")
 
 
+def check_adapted(cfg: ExperimentConfig) -> None:
+    """What the game needs of the rest of the config, checked once the recipe has adapted it
+    (dfkd.loop.Run): the recipe may supply it (a replay memory, for one)."""
+    check_priors(cfg, "extra_priors")
+    if cfg.method.replay_pen_width and not cfg.method.replay_size:
+        raise DfkdError(
+            f"method.replay_pen_width={cfg.method.replay_pen_width:g} draws twins of the batches the "
+            "replay memory stores, but method.replay_size is 0; set method.replay_size or "
+            "method.replay_pen_width=0"
+        )
+
+
 def check_priors(cfg: ExperimentConfig, key: str) -> None:
     """What the priors in method.`key` need of the rest of the config. method.extra_priors is
-    checked once the recipe has adapted the game (dfkd.loop.Run), which may supply it."""
+    checked once the recipe has adapted the game (check_adapted), which may supply it."""
     priors = getattr(cfg.method, key)
     if "target" in priors and not cfg.generator.conditional:
         raise DfkdError(
@@ -79,6 +91,7 @@ def check(cfg: ExperimentConfig) -> None:
         "train.rollback_lr_factor": (cfg.train.rollback_lr_factor, 0.0, 1.0, False, True),
         "train.collapse_threshold": (cfg.train.collapse_threshold, 0.0, 1.0, False, True),
         "method.student_mixup": (cfg.method.student_mixup, 0.0, 1.0, True, True),
+        "method.replay_pen_width": (cfg.method.replay_pen_width, 0.0, 1.0, True, True),
         "method.generator_rotate": (cfg.method.generator_rotate, 0.0, 180.0, True, True),
         "method.generator_scale": (cfg.method.generator_scale, 0.0, 1.0, True, False),
         "method.generator_ema": (cfg.method.generator_ema, 0.0, 1.0, True, False),

@@ -334,7 +334,7 @@ class Game:
         self.turn = turn = step % m.n_generators
         self.generator, self.generator_player = self.generators[turn], self.generator_players[turn]
         g_losses, latest = self.generator_steps(m.n_generator_steps)
-        self.batches.refresh(latest, self.generator, owner=turn)
+        self.batches.refresh(latest, self.teacher, owner=turn)
         for _ in range(m.n_student_steps):
             s_losses, d_losses = self.student_step(*self.batches.draw(latest, self.teacher))
         for player in self.players.values():

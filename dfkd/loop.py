@@ -20,7 +20,7 @@ from dfkd import distributed
 from dfkd.assemble import Parts
 from dfkd.checkpoint import DiskFull, remove_stale_temp_files, save_atomic
 from dfkd.config import ExperimentConfig, config_to_dict
-from dfkd.config_checks import check_priors
+from dfkd.config_checks import check_adapted
 from dfkd.errors import DfkdError
 from dfkd.game import Game
 from dfkd.health import CollapseWatch, first_non_finite
@@ -61,7 +61,7 @@ class Run:
     ):
         self.main = distributed.is_main()
         cfg, self.adaptations = adapt_to_teachers(cfg, parts.pool.models, parts.student, parts.spec)
-        check_priors(cfg, "extra_priors")  # against the game as adapted, which may supply what they need
+        check_adapted(cfg)
         perf, self.perf_choice = choose_perf(cfg.perf, probe(parts.device))
         cfg = dataclasses.replace(cfg, perf=perf)
         self.cfg, self.run_dir, self.progress, self.callback = (

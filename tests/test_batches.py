@@ -41,7 +41,7 @@ def pipeline(seed=0, average=None, **method):
 def test_reused_samples_are_the_generator_steps_own_batch():
     batches, synth = pipeline(reuse_samples=True)
     newest = latest()
-    batches.refresh(newest, nn.Identity())
+    batches.refresh(newest, Teacher())
     for _ in range(3):
         x, t = batches.draw(newest, Teacher())
         assert torch.equal(x, newest[0]) and torch.equal(t, newest[1])
@@ -51,7 +51,7 @@ def test_reused_samples_are_the_generator_steps_own_batch():
 def test_without_reuse_each_draw_is_a_fresh_batch_from_the_live_generator():
     batches, synth = pipeline(reuse_samples=False)
     newest = latest()
-    batches.refresh(newest, nn.Identity())
+    batches.refresh(newest, Teacher())
     drawn = [batches.draw(newest, Teacher())[0] for _ in range(3)]
     assert [float(x[0, 0, 0, 0]) for x in drawn] == [1.0, 2.0, 3.0]
     assert synth.calls == [(None, None)] * 3
@@ -60,7 +60,7 @@ def test_without_reuse_each_draw_is_a_fresh_batch_from_the_live_generator():
 def test_replay_draws_from_the_memory_with_the_runs_generator():
     batches, _ = pipeline(seed=3, replay_size=20)
     for value in (1.0, 2.0, 3.0):  # the memory keeps the newest 20 of these 24 images
-        batches.refresh(latest(value), nn.Identity())
+        batches.refresh(latest(value), Teacher())
     x, t = batches.draw(latest(3.0), Teacher())
     assert x.shape == (BATCH, 1, 4, 4)
     assert torch.equal(t[:, 0], 10 * x[:, 0, 0, 0]), "images keep their logits"
@@ -82,7 +82,7 @@ def test_the_averaged_generator_supplies_its_share_of_every_batch():
         for p in generator.parameters():
             p.add_(1.0)
     newest = latest()
-    batches.refresh(newest, generator)
+    batches.refresh(newest, Teacher())
     # the average moved halfway, and drew its share once for the whole iteration
     for avg, old in zip(average.model.parameters(), before):
         assert torch.allclose(avg, old + 0.5)
@@ -98,7 +98,7 @@ def test_the_averaged_generator_supplies_its_share_of_every_batch():
 def test_augmented_images_are_relabelled_by_the_teacher():
     batches, _ = pipeline(student_shift=1, student_flip=True, student_mixup=0.5)
     newest = torch.randn(BATCH, 1, 4, 4), torch.zeros(BATCH, 3)
-    batches.refresh(newest, nn.Identity())
+    batches.refresh(newest, Teacher())
     x, t = batches.draw(newest, Teacher())
     assert x.shape == newest[0].shape and not torch.equal(x, newest[0])
     assert torch.equal(t, Teacher()(x))
@@ -112,3 +112,18 @@ def test_augmentations_draw_from_the_runs_generator():
     newest = torch.randn(BATCH, 1, 4, 4), torch.zeros(BATCH, 3)
     a, b, c = (p.draw(newest, Teacher())[0] for p in (first, second, other))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_the_memory_keeps_each_batch_and_its_twin_drawn_with_another_pen():
+    batches, _ = pipeline(seed=0, replay_size=64, replay_pen_width=1.0)
+    newest = torch.randn(BATCH, 1, 4, 4), torch.zeros(BATCH, 3)
+    batches.refresh(newest, Teacher(), owner=1)
+    memory = batches.memory
+    assert memory.size == 2 * BATCH and bool((memory.owners[: 2 * BATCH] == 1).all())
+    assert torch.equal(memory.images[:BATCH], newest[0]) and torch.equal(memory.logits[:BATCH], newest[1])
+    twin, labels = memory.images[BATCH : 2 * BATCH], memory.logits[BATCH : 2 * BATCH]
+    assert not torch.equal(twin, newest[0])
+    assert torch.equal(labels, Teacher()(twin)), "the teacher labels the twin"
+    plain, _ = pipeline(seed=0, replay_size=64)
+    plain.refresh(newest, Teacher())
+    assert plain.memory.size == BATCH, "no twin unless asked"

@@ -77,6 +77,7 @@ DEFAULTS = {
         "contrast_crop": 0.25,
         "meta_generator": None,
         "replay_size": 0,
+        "replay_pen_width": 0.0,
         "generator_shift": 0,
         "generator_rotate": 0.0,
         "generator_scale": 0.0,
@@ -198,6 +199,7 @@ def test_int_widens_to_float_but_not_the_reverse(tmp_path):
         ("train:\n  time_limit: -1\n", r"train\.time_limit must be 0 \(off\) or positive, got -1"),
         ("method:\n  generator_scale: 1.0\n", r"method\.generator_scale must be in \[0, 1\), got 1\.0"),
         ("method:\n  reuse_samples: 1\n", r"method\.reuse_samples: expected bool"),
+        ("method:\n  replay_pen_width: 2\n", r"method\.replay_pen_width must be in \[0, 1\], got 2"),
         ("- a\n- b\n", r"must hold a mapping"),
     ],
 )

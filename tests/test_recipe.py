@@ -33,6 +33,7 @@ def test_a_batchnorm_teacher_gets_the_batchnorm_game():
     assert cfg == with_settings(ExperimentConfig(), BATCHNORM_GAME)
     assert cfg.method.priors == {"bn": 10.0, "target": 0.5} and cfg.generator.conditional
     assert cfg.method.n_generator_steps == 2 and cfg.method.replay_size == 20000
+    assert cfg.method.replay_pen_width == 1.0, "each stored batch gets a twin drawn with another pen"
     # half the default batch (twice the iterations), and the default output in the pixel range
     assert cfg.train.batch_size == 128 and cfg.generator.output == "pixels"
     # the student on SGD with momentum, as Fast-DFKD's and CMI's
@@ -117,6 +118,24 @@ def test_an_option_that_follows_one_generator_keeps_one():
     assert adapt(ExperimentConfig(), [teacher("resnet8")])[0].method.n_generators > 1
 
 
+def test_a_memory_the_user_turned_off_takes_no_twins():
+    given = with_settings(ExperimentConfig(), {"method.replay_size": 0})
+    cfg, (note,) = adapt(given, [teacher("resnet8")])  # validated: a twin without a memory is refused
+    assert cfg.method.replay_size == 0 and cfg.method.replay_pen_width == 0
+    assert "method.replay_pen_width stays 0: method.replay_size=0 keeps no memory" in note
+    assert adapt(ExperimentConfig(), [teacher("resnet8")])[0].method.replay_pen_width == 1.0
+
+
+def test_twins_asked_of_a_game_without_a_memory_are_one_line_naming_both_settings(tiny, tmp_path, run_of):
+    # checked once the recipe has adapted the game: the BatchNorm game brings a memory, the plain none
+    run = run_of(tiny(teacher={"arch": "resnet8"}, method={"replay_pen_width": 0.5}), tmp_path / "bn")
+    assert run.cfg.method.replay_size == 20000 and run.cfg.method.replay_pen_width == 0.5
+    with pytest.raises(
+        DfkdError, match=r"^method.replay_pen_width=0.5 draws twins .* method.replay_size is 0; set"
+    ):
+        run_of(tiny(method={"replay_pen_width": 0.5}), tmp_path / "plain")
+
+
 def test_a_student_as_costly_as_its_teacher_gets_fewer_steps_and_a_small_one_keeps_all():
     # a generator step runs generator (14.9 MFLOPs an image), teacher and student; a student step,
     # the student alone: half of 2 x (14.9 + 202 + 52.7) / 52.7 = 5.1 steps for WRN-16-2 -> WRN-16-1
@@ -168,6 +187,7 @@ def test_teachers_without_batchnorm_get_the_jitter_and_the_input_prior():
         assert cfg == with_settings(ExperimentConfig(), PLAIN_GAME)
         assert cfg.method.priors == {"input_kl": 1.0} and cfg.method.generator_shift == 2
         assert not cfg.generator.conditional and cfg.method.replay_size == 0, "no part of the BatchNorm game"
+        assert cfg.method.replay_pen_width == 0
         assert note.startswith("the teacher has no BatchNorm layers: the plain game with jitter")
         overrides = note.split(": ", 2)[2].split(";")[0].split(" ")
         assert load_config(None, overrides) == cfg

@@ -110,6 +110,26 @@ def test_random_mixup_blends_the_chosen_fraction_with_partners_from_the_batch():
     assert torch.equal(random_mixup(x, 0.0, torch.Generator().manual_seed(0)), x)
 
 
+def test_random_pen_width_blends_each_image_toward_its_dilation_or_erosion():
+    from dfkd.augment import random_pen_width
+
+    # a one-pixel stroke (1) on a dark ground (-1): its 3×3 dilation is a 3×3 blob, its erosion
+    # the empty ground
+    x = torch.full((400, 1, 5, 5), -1.0)
+    x[:, :, 2, 2] = 1.0
+    out = random_pen_width(x, 1.0, torch.Generator().manual_seed(0))
+    centre, ring, corner = out[:, 0, 2, 2], out[:, 0, 1, 1], out[:, 0, 0, 0]
+    assert torch.equal(corner, x[:, 0, 0, 0]), "pixels no stroke reaches stay"
+    wider, narrower = ring > -1, centre < 1
+    assert not bool((wider & narrower).any()), "one pen per image: wider or narrower"
+    assert 150 < int(wider.sum()) < 250 and 150 < int(narrower.sum()) < 250
+    assert bool((centre[wider] == 1).all() and (ring[narrower] == -1).all())
+    assert bool((ring <= 1).all() and (centre >= -1).all()), "blends, not beyond the extremes"
+    # at full strength the extremes are the dilation and the erosion themselves
+    assert float(ring.max()) > 0.99 and float(centre.min()) < -0.99
+    assert torch.equal(random_pen_width(x, 0.0, torch.Generator().manual_seed(0)), x)
+
+
 def test_a_memory_restored_onto_a_device_lives_there():
     # a checkpoint is read onto the CPU; a run on an accelerator restores its memory onto its own
     # device ("meta" stands in for one here)
