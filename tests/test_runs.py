@@ -90,9 +90,9 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
 # the replay memory of 20,000 one of 600 read 0.907 (367 s beside another run, 2026-12-05); with
 # two generators taking turns 0.927 (480 s beside two other runs, 2026-12-06); with the student on
 # SGD (fa386ab) 0.948 (312 s beside another run, 2026-12-07, 8e5ebcf); with the replay memory's
-# pen-width twins a teacher-family run of 614 iterations read 0.948 (397 s beside another run, the
-# AVX512-BF16 CPU, 2026-12-07). The guard fails when the adaptation is lost or falls back to that
-# earlier game.
+# pen-width twins this guard read 0.965 (238 s alone on both cores of the AVX512-BF16 CPU,
+# 2026-12-07, 4d7ac1e). The guard fails when the adaptation is lost or falls back to that earlier
+# game.
 RESNET8_ITERATIONS, RESNET8_MIN_RATIO = 600, 0.8
 
 
