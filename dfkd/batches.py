@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn as nn
 
 from dfkd.augment import random_hflip, random_mixup, random_pen_width, random_translate
 from dfkd.config import MethodConfig
@@ -30,46 +29,45 @@ class StudentBatches:
         batch_size: int,
         rng: torch.Generator,
         synthesize: Callable[..., Batch],
+        label: Callable[[torch.Tensor], torch.Tensor],
         generator_average: WeightAverage | None = None,
     ):
-        self.cfg, self.batch_size, self.rng, self.synthesize = cfg, batch_size, rng, synthesize
+        """`synthesize` draws a fresh batch with its teacher logits (Game.synthesize); `label` gives
+        the teacher's logits for images made here (Game.label: the run's teacher and precision)."""
+        self.cfg, self.batch_size, self.rng = cfg, batch_size, rng
+        self.synthesize, self.label = synthesize, label
         self.memory = ReplayMemory(cfg.replay_size) if cfg.replay_size else None
         self.generator_average = generator_average
         self.average_batch: Batch | None = None
 
-    def refresh(self, latest: Batch, teacher: nn.Module, owner: int = 0) -> None:
+    def refresh(self, latest: Batch, owner: int = 0) -> None:
         """After the generator step(s) of generator `owner`: remember the newest batch (and its
-        twin drawn with another pen, which `teacher` labels), advance the averaged generator and
+        twin drawn with another pen, which the teacher labels), advance the averaged generator and
         draw its share of this iteration's student batches."""
         if self.memory is not None:
             self.memory.add(*latest, owner=owner)
             if self.cfg.replay_pen_width:
-                self.memory.add(*self._pen_twin(latest[0], teacher), owner=owner)
+                twin = random_pen_width(latest[0], self.cfg.replay_pen_width, self.rng)
+                self.memory.add(twin, self.label(twin), owner=owner)
         if self.generator_average is not None:
             self.generator_average.update()
             share = max(1, round(self.cfg.generator_ema_mix * self.batch_size))
             self.average_batch = self.synthesize(self.generator_average.model, share)
 
-    def draw(self, latest: Batch, teacher: nn.Module) -> Batch:
-        """One student step's batch; `teacher` labels augmented images."""
+    def draw(self, latest: Batch) -> Batch:
+        """One student step's batch; the teacher labels augmented images."""
         batch = self._source(latest)
         if self.average_batch is not None:
             keep = len(batch[0]) - len(self.average_batch[0])
             batch = tuple(torch.cat([a[:keep], b]) for a, b in zip(batch, self.average_batch))
-        return self._augment(batch, teacher)
+        return self._augment(batch)
 
     def _source(self, latest: Batch) -> Batch:
         if self.memory is not None:
             return self.memory.sample(self.batch_size, self.rng)
         return latest if self.cfg.reuse_samples else self.synthesize()
 
-    @torch.no_grad()
-    def _pen_twin(self, x: torch.Tensor, teacher: nn.Module) -> Batch:
-        twin = random_pen_width(x, self.cfg.replay_pen_width, self.rng)
-        return twin, teacher(twin).float()
-
-    @torch.no_grad()
-    def _augment(self, batch: Batch, teacher: nn.Module) -> Batch:
+    def _augment(self, batch: Batch) -> Batch:
         m, rng = self.cfg, self.rng
         if not (m.student_shift or m.student_flip or m.student_mixup):
             return batch
@@ -77,7 +75,7 @@ class StudentBatches:
         x = random_translate(x, m.student_shift, rng) if m.student_shift else x
         x = random_hflip(x, rng) if m.student_flip else x
         x = random_mixup(x, m.student_mixup, rng) if m.student_mixup else x
-        return x, teacher(x)
+        return x, self.label(x)
 
     def forget(self, generator_state: dict, owner: int = 0) -> None:
         """After generator `owner` starts afresh: its average restarts from `generator_state` and the

@@ -114,7 +114,7 @@ class Game:
             )
         )
         self.batches = StudentBatches(
-            m, cfg.train.batch_size, self.latent_rng, self.synthesize, generator_average
+            m, cfg.train.batch_size, self.latent_rng, self.synthesize, self.label, generator_average
         )
         for net in [*self.networks.values(), *pool.models]:
             speed_up(net, cfg.perf)
@@ -235,11 +235,15 @@ class Game:
     def synthesize(self, generator: nn.Module | None = None, n: int | None = None):
         """A detached synthetic batch (of `n` images from `generator`, by default a full batch from
         the live one) and the teacher's logits for it."""
-        with self.autocast():
-            with self.phases("generator forward"):
-                x = (generator or self.generator)(self.sample_latent(n))
-            with self.phases("teacher forward"):
-                return x.float(), self.teacher(x).float()
+        with self.autocast(), self.phases("generator forward"):
+            x = (generator or self.generator)(self.sample_latent(n)).float()
+        return x, self.label(x)
+
+    @torch.no_grad()
+    def label(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for `x` in float32, its forward at the game's precision."""
+        with self.autocast(), self.phases("teacher forward"):
+            return self.teacher(x).float()
 
     def jitter(self, x: torch.Tensor) -> torch.Tensor:
         """DeepInversion's jitter on a generator batch: each image shifted, then turned and scaled,
@@ -334,9 +338,9 @@ class Game:
         self.turn = turn = step % m.n_generators
         self.generator, self.generator_player = self.generators[turn], self.generator_players[turn]
         g_losses, latest = self.generator_steps(m.n_generator_steps)
-        self.batches.refresh(latest, self.teacher, owner=turn)
+        self.batches.refresh(latest, owner=turn)
         for _ in range(m.n_student_steps):
-            s_losses, d_losses = self.student_step(*self.batches.draw(latest, self.teacher))
+            s_losses, d_losses = self.student_step(*self.batches.draw(latest))
         for player in self.players.values():
             if player is self.generator_player or player not in self.generator_players:
                 player.schedule.step()

@@ -18,8 +18,8 @@ drawn = []
 draw, finish = StudentBatches.draw, Run.finish
 
 
-def draw_and_keep(self, latest, teacher):
-    batch = draw(self, latest, teacher)
+def draw_and_keep(self, latest):
+    batch = draw(self, latest)
     drawn.append(batch[0].clone())
     return batch
 

@@ -35,15 +35,15 @@ def latest(value=-1.0):
 def pipeline(seed=0, average=None, **method):
     synth = Synthesizer()
     rng = torch.Generator().manual_seed(seed)
-    return StudentBatches(MethodConfig(**method), BATCH, rng, synth, average), synth
+    return StudentBatches(MethodConfig(**method), BATCH, rng, synth, Teacher(), average), synth
 
 
 def test_reused_samples_are_the_generator_steps_own_batch():
     batches, synth = pipeline(reuse_samples=True)
     newest = latest()
-    batches.refresh(newest, Teacher())
+    batches.refresh(newest)
     for _ in range(3):
-        x, t = batches.draw(newest, Teacher())
+        x, t = batches.draw(newest)
         assert torch.equal(x, newest[0]) and torch.equal(t, newest[1])
     assert synth.calls == [], "no extra generator or teacher forward"
 
@@ -51,8 +51,8 @@ def test_reused_samples_are_the_generator_steps_own_batch():
 def test_without_reuse_each_draw_is_a_fresh_batch_from_the_live_generator():
     batches, synth = pipeline(reuse_samples=False)
     newest = latest()
-    batches.refresh(newest, Teacher())
-    drawn = [batches.draw(newest, Teacher())[0] for _ in range(3)]
+    batches.refresh(newest)
+    drawn = [batches.draw(newest)[0] for _ in range(3)]
     assert [float(x[0, 0, 0, 0]) for x in drawn] == [1.0, 2.0, 3.0]
     assert synth.calls == [(None, None)] * 3
 
@@ -60,8 +60,8 @@ def test_without_reuse_each_draw_is_a_fresh_batch_from_the_live_generator():
 def test_replay_draws_from_the_memory_with_the_runs_generator():
     batches, _ = pipeline(seed=3, replay_size=20)
     for value in (1.0, 2.0, 3.0):  # the memory keeps the newest 20 of these 24 images
-        batches.refresh(latest(value), Teacher())
-    x, t = batches.draw(latest(3.0), Teacher())
+        batches.refresh(latest(value))
+    x, t = batches.draw(latest(3.0))
     assert x.shape == (BATCH, 1, 4, 4)
     assert torch.equal(t[:, 0], 10 * x[:, 0, 0, 0]), "images keep their logits"
     assert set(x[:, 0, 0, 0].tolist()) <= {1.0, 2.0, 3.0}
@@ -70,7 +70,7 @@ def test_replay_draws_from_the_memory_with_the_runs_generator():
     again.load_state_dict(batches.state_dict())
     rng = torch.Generator().manual_seed(3)
     expected = batches.memory.sample(BATCH, rng)
-    assert torch.equal(again.draw(latest(3.0), Teacher())[0], expected[0])
+    assert torch.equal(again.draw(latest(3.0))[0], expected[0])
 
 
 def test_the_averaged_generator_supplies_its_share_of_every_batch():
@@ -82,13 +82,13 @@ def test_the_averaged_generator_supplies_its_share_of_every_batch():
         for p in generator.parameters():
             p.add_(1.0)
     newest = latest()
-    batches.refresh(newest, Teacher())
+    batches.refresh(newest)
     # the average moved halfway, and drew its share once for the whole iteration
     for avg, old in zip(average.model.parameters(), before):
         assert torch.allclose(avg, old + 0.5)
     assert synth.calls == [(average.model, 2)]  # round(0.25 · 8)
     for _ in range(2):
-        x, t = batches.draw(newest, Teacher())
+        x, t = batches.draw(newest)
         share = batches.average_batch
         assert len(x) == BATCH and torch.equal(x[:6], newest[0][:6]) and torch.equal(x[6:], share[0])
         assert torch.equal(t[6:], share[1]) and torch.equal(t[:6], newest[1][:6])
@@ -98,8 +98,8 @@ def test_the_averaged_generator_supplies_its_share_of_every_batch():
 def test_augmented_images_are_relabelled_by_the_teacher():
     batches, _ = pipeline(student_shift=1, student_flip=True, student_mixup=0.5)
     newest = torch.randn(BATCH, 1, 4, 4), torch.zeros(BATCH, 3)
-    batches.refresh(newest, Teacher())
-    x, t = batches.draw(newest, Teacher())
+    batches.refresh(newest)
+    x, t = batches.draw(newest)
     assert x.shape == newest[0].shape and not torch.equal(x, newest[0])
     assert torch.equal(t, Teacher()(x))
 
@@ -110,14 +110,14 @@ def test_augmentations_draw_from_the_runs_generator():
     second, _ = pipeline(seed=1, student_shift=2, student_flip=True)
     other, _ = pipeline(seed=2, student_shift=2, student_flip=True)
     newest = torch.randn(BATCH, 1, 4, 4), torch.zeros(BATCH, 3)
-    a, b, c = (p.draw(newest, Teacher())[0] for p in (first, second, other))
+    a, b, c = (p.draw(newest)[0] for p in (first, second, other))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_the_memory_keeps_each_batch_and_its_twin_drawn_with_another_pen():
     batches, _ = pipeline(seed=0, replay_size=64, replay_pen_width=1.0)
     newest = torch.randn(BATCH, 1, 4, 4), torch.zeros(BATCH, 3)
-    batches.refresh(newest, Teacher(), owner=1)
+    batches.refresh(newest, owner=1)
     memory = batches.memory
     assert memory.size == 2 * BATCH and bool((memory.owners[: 2 * BATCH] == 1).all())
     assert torch.equal(memory.images[:BATCH], newest[0]) and torch.equal(memory.logits[:BATCH], newest[1])
@@ -125,5 +125,5 @@ def test_the_memory_keeps_each_batch_and_its_twin_drawn_with_another_pen():
     assert not torch.equal(twin, newest[0])
     assert torch.equal(labels, Teacher()(twin)), "the teacher labels the twin"
     plain, _ = pipeline(seed=0, replay_size=64)
-    plain.refresh(newest, Teacher())
+    plain.refresh(newest)
     assert plain.memory.size == BATCH, "no twin unless asked"

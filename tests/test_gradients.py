@@ -198,7 +198,7 @@ def test_the_averaged_generator_supplies_its_share_of_each_student_batch(tiny, t
     for avg, old, new in zip(game.batches.generator_average.model.parameters(), before, after):
         assert torch.allclose(avg, 0.5 * old + 0.5 * new.detach(), atol=1e-6)
     latest = game.synthesize()
-    x, t = game.batches.draw(latest, game.teacher)
+    x, t = game.batches.draw(latest)
     share = game.batches.average_batch
     assert len(x) == 16 and torch.equal(x[:12], latest[0][:12]) and torch.equal(x[12:], share[0])
     assert torch.equal(t[12:], share[1])

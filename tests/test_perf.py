@@ -132,6 +132,16 @@ def test_bf16_autocast_runs_the_forward_passes_in_bf16_and_the_losses_in_float32
     assert x.dtype == logits.dtype == torch.float32  # what replay memory and sample grids keep
 
 
+def test_bf16_autocast_covers_the_teachers_relabelling_of_twins_and_augmented_batches(tiny, tmp_path, run_of):
+    method = {"replay_size": 64, "replay_pen_width": 1.0, "student_shift": 1}
+    run = run_of(tiny(perf={"autocast": "bf16"}, method=method), tmp_path)
+    seen = []
+    run.game.teacher.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    run.step()
+    steps = run.cfg.method.n_generator_steps + 1 + run.cfg.method.n_student_steps  # + the twin
+    assert seen == [torch.bfloat16] * steps
+
+
 def test_a_forward_after_an_optimizer_step_in_one_autocast_region_runs_on_the_new_weights():
     """GAN-KD steps its discriminator and then scores the student with it, in one bf16 region."""
     from dfkd.perf import autocast
