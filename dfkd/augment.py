@@ -86,3 +86,32 @@ def random_pen_width(x: torch.Tensor, strength: float, generator: torch.Generato
     dilated = F.max_pool2d(x, 3, stride=1, padding=1)
     eroded = -F.max_pool2d(-x, 3, stride=1, padding=1)
     return x + w.clamp(min=0) * (dilated - x) + (-w).clamp(min=0) * (eroded - x)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Each channel blurred by a normalized Gaussian of `sigma` pixels (two passes, one per axis),
+    zeros beyond the border: blurred zero-mean noise is no stronger at the border than inside."""
+    radius = max(1, round(2 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = (k / k.sum()).repeat(x.shape[1], 1)[:, None, None, :]  # one 1×width kernel per channel
+    x = F.conv2d(x, k, padding=(0, radius), groups=x.shape[1])
+    return F.conv2d(x, k.transpose(2, 3), padding=(radius, 0), groups=x.shape[1])
+
+
+def random_elastic(
+    x: torch.Tensor, alpha: float, generator: torch.Generator, sigma: float = 4.0
+) -> torch.Tensor:
+    """Each image warped by its own smooth random displacement field (Simard et al., 2003): uniform
+    noise in [-1, 1] per pixel and axis, blurred by a Gaussian of `sigma` pixels, times `alpha`
+    pixels (at sigma 4 a pixel moves by about alpha / 30 along each axis, on average). Bilinear, borders replicated,
+    sampled in float32 whatever the autocast."""
+    n, _, h, w = x.shape
+    noise = (2 * torch.rand(n, 2, h, w, generator=generator) - 1).to(x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        pixels = alpha * gaussian_blur(noise, sigma).permute(0, 2, 3, 1)  # n×h×w×(dx, dy)
+        step = torch.tensor([2.0 / w, 2.0 / h], device=x.device)  # one pixel in grid units
+        identity = torch.eye(2, 3, device=x.device).expand(n, 2, 3)
+        grid = F.affine_grid(identity, list(x.shape), align_corners=False) + pixels * step
+        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.to(x.dtype)

@@ -1,8 +1,8 @@
 """Where each student step's batch comes from, as one pipeline built from the method config.
 
 Source: the generator step's own batch and teacher logits (`reuse_samples`), a replay memory of
-past batches (`replay_size`; each stored with its twin drawn with another pen, which the teacher
-labels, under `replay_pen_width`), or a fresh batch from the generator. Then the averaged generator's
+past batches (`replay_size`; each stored with its twin drawn by another pen and hand, which the
+teacher labels, under `replay_pen_width` and `replay_elastic`), or a fresh batch from the generator. Then the averaged generator's
 share of the batch (`generator_ema`, MAD), then augmentations (`student_shift`, `student_flip`,
 `student_mixup`), which the teacher relabels. Every draw uses the run's latent generator, so a
 resumed run draws what the uninterrupted one would have.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from dfkd.augment import random_hflip, random_mixup, random_pen_width, random_translate
+from dfkd.augment import random_elastic, random_hflip, random_mixup, random_pen_width, random_translate
 from dfkd.config import MethodConfig
 from dfkd.optim import WeightAverage
 from dfkd.replay import ReplayMemory
@@ -42,12 +42,12 @@ class StudentBatches:
 
     def refresh(self, latest: Batch, owner: int = 0) -> None:
         """After the generator step(s) of generator `owner`: remember the newest batch (and its
-        twin drawn with another pen, which the teacher labels), advance the averaged generator and
-        draw its share of this iteration's student batches."""
+        twin, which the teacher labels), advance the averaged generator and draw its share of this
+        iteration's student batches."""
         if self.memory is not None:
             self.memory.add(*latest, owner=owner)
-            if self.cfg.replay_pen_width:
-                twin = random_pen_width(latest[0], self.cfg.replay_pen_width, self.rng)
+            if self.cfg.replay_pen_width or self.cfg.replay_elastic:
+                twin = self._twin(latest[0])
                 self.memory.add(twin, self.label(twin), owner=owner)
         if self.generator_average is not None:
             self.generator_average.update()
@@ -66,6 +66,13 @@ class StudentBatches:
         if self.memory is not None:
             return self.memory.sample(self.batch_size, self.rng)
         return latest if self.cfg.reuse_samples else self.synthesize()
+
+    def _twin(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` drawn again by another pen (thicker or thinner strokes), then by another hand (an
+        elastic warp), as the method config asks."""
+        m = self.cfg
+        x = random_pen_width(x, m.replay_pen_width, self.rng) if m.replay_pen_width else x
+        return random_elastic(x, m.replay_elastic, self.rng) if m.replay_elastic else x
 
     def _augment(self, batch: Batch) -> Batch:
         m, rng = self.cfg, self.rng

@@ -163,6 +163,11 @@ class MethodConfig:
     # A student taught by a generator's strokes alone reads real strokes of another width worse than
     # its teacher does. 0 stores no twin.
     replay_pen_width: float = 0.0
+    # The twin's images also warped, each by its own smooth random displacement field (Simard et
+    # al.'s elastic distortion: uniform noise blurred by a Gaussian of 4 pixels, times this many
+    # pixels; 34 moves a pixel by about one): strokes wobble as another hand draws them. With
+    # replay_pen_width 0 the twin is warped only. 0 leaves the twin's shapes as they are.
+    replay_elastic: float = 0.0
     # DeepInversion's jitter: each image of a generator step is shifted by up to this many pixels
     # (its own offset) before the teacher and the student see it, so the generator is asked for
     # images whose class survives a small move. The replay memory keeps the shifted images.

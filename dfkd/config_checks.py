@@ -34,12 +34,13 @@ def check_adapted(cfg: ExperimentConfig) -> None:
     """What the game needs of the rest of the config, checked once the recipe has adapted it
     (dfkd.loop.Run): the recipe may supply it (a replay memory, for one)."""
     check_priors(cfg, "extra_priors")
-    if cfg.method.replay_pen_width and not cfg.method.replay_size:
-        raise DfkdError(
-            f"method.replay_pen_width={cfg.method.replay_pen_width:g} draws twins of the batches the "
-            "replay memory stores, but method.replay_size is 0; set method.replay_size or "
-            "method.replay_pen_width=0"
-        )
+    m = cfg.method
+    for key, value in {"replay_pen_width": m.replay_pen_width, "replay_elastic": m.replay_elastic}.items():
+        if value and not m.replay_size:
+            raise DfkdError(
+                f"method.{key}={value:g} draws twins of the batches the replay memory stores, but "
+                f"method.replay_size is 0; set method.replay_size or method.{key}=0"
+            )
 
 
 def check_priors(cfg: ExperimentConfig, key: str) -> None:
@@ -70,6 +71,7 @@ def check(cfg: ExperimentConfig) -> None:
         f"method.{k}": getattr(cfg.method, k)
         for k in (
             "replay_size",
+            "replay_elastic",
             "generator_shift",
             "student_shift",
             "alpha",

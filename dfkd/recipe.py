@@ -76,6 +76,7 @@ BATCHNORM_GAME: dict[str, Any] = {
     "method.generator_scale": 0.1,
     "method.replay_size": 20000,
     "method.replay_pen_width": 1.0,
+    "method.replay_elastic": 34.0,
     "generator_optim.lr": 0.005,
     "generator_optim.betas": [0.5, 0.999],
     "generator_optim.schedule": "constant",
@@ -88,6 +89,8 @@ BATCHNORM_GAME: dict[str, Any] = {
     "student_optim.warmup": 50,
     "train.batch_size": 128,
 }
+# What shapes the replay memory's twins: nothing without a memory.
+TWIN_SETTINGS = ("method.replay_pen_width", "method.replay_elastic")
 
 
 # The plain game for teachers without BatchNorm, measured on MNIST-5k (runs/RESULTS.md, "Teachers
@@ -221,9 +224,10 @@ def adapt_to_teachers(
     if "method.n_generators" in changes and (alone := one_generator_options(cfg)):
         del changes["method.n_generators"]
         reasons.append(f"method.n_generators stays 1: {', '.join(alone)} follows one generator")
-    if "method.replay_pen_width" in changes and not with_settings(cfg, changes).method.replay_size:
-        del changes["method.replay_pen_width"]
-        reasons.append("method.replay_pen_width stays 0: method.replay_size=0 keeps no memory")
+    if not with_settings(cfg, changes).method.replay_size:
+        for key in [k for k in TWIN_SETTINGS if k in changes]:
+            del changes[key]
+            reasons.append(f"{key} stays 0: method.replay_size=0 keeps no memory")
     if "method.n_student_steps" in changes:
         steps, reason = student_steps_within(with_settings(cfg, changes), teachers, student, spec)
         changes["method.n_student_steps"] = steps

@@ -3,6 +3,7 @@
 import torch
 import torch.nn as nn
 
+from dfkd.augment import random_elastic, random_pen_width
 from dfkd.batches import StudentBatches
 from dfkd.config import MethodConfig
 from dfkd.optim import WeightAverage
@@ -127,3 +128,17 @@ def test_the_memory_keeps_each_batch_and_its_twin_drawn_with_another_pen():
     plain, _ = pipeline(seed=0, replay_size=64)
     plain.refresh(newest)
     assert plain.memory.size == BATCH, "no twin unless asked"
+
+
+def test_the_twin_is_also_drawn_by_another_hand_when_asked():
+    newest = torch.randn(BATCH, 1, 8, 8), torch.zeros(BATCH, 3)
+    batches, _ = pipeline(seed=0, replay_size=64, replay_elastic=34.0)
+    batches.refresh(newest)
+    twin, labels = batches.memory.images[BATCH : 2 * BATCH], batches.memory.logits[BATCH : 2 * BATCH]
+    expected = random_elastic(newest[0], 34.0, torch.Generator().manual_seed(0))
+    assert torch.equal(twin, expected) and torch.equal(labels, Teacher()(twin))
+    both, _ = pipeline(seed=0, replay_size=64, replay_pen_width=1.0, replay_elastic=34.0)
+    both.refresh(newest)
+    rng = torch.Generator().manual_seed(0)
+    pen_then_hand = random_elastic(random_pen_width(newest[0], 1.0, rng), 34.0, rng)
+    assert torch.equal(both.memory.images[BATCH : 2 * BATCH], pen_then_hand)

@@ -78,6 +78,7 @@ DEFAULTS = {
         "meta_generator": None,
         "replay_size": 0,
         "replay_pen_width": 0.0,
+        "replay_elastic": 0.0,
         "generator_shift": 0,
         "generator_rotate": 0.0,
         "generator_scale": 0.0,
@@ -200,6 +201,7 @@ def test_int_widens_to_float_but_not_the_reverse(tmp_path):
         ("method:\n  generator_scale: 1.0\n", r"method\.generator_scale must be in \[0, 1\), got 1\.0"),
         ("method:\n  reuse_samples: 1\n", r"method\.reuse_samples: expected bool"),
         ("method:\n  replay_pen_width: 2\n", r"method\.replay_pen_width must be in \[0, 1\], got 2"),
+        ("method:\n  replay_elastic: -3\n", r"method\.replay_elastic must be 0 \(off\) or positive, got -3"),
         ("- a\n- b\n", r"must hold a mapping"),
     ],
 )

@@ -34,6 +34,7 @@ def test_a_batchnorm_teacher_gets_the_batchnorm_game():
     assert cfg.method.priors == {"bn": 10.0, "target": 0.5} and cfg.generator.conditional
     assert cfg.method.n_generator_steps == 2 and cfg.method.replay_size == 20000
     assert cfg.method.replay_pen_width == 1.0, "each stored batch gets a twin drawn with another pen"
+    assert cfg.method.replay_elastic == 34.0, "and by another hand"
     # half the default batch (twice the iterations), and the default output in the pixel range
     assert cfg.train.batch_size == 128 and cfg.generator.output == "pixels"
     # the student on SGD with momentum, as Fast-DFKD's and CMI's
@@ -121,9 +122,11 @@ def test_an_option_that_follows_one_generator_keeps_one():
 def test_a_memory_the_user_turned_off_takes_no_twins():
     given = with_settings(ExperimentConfig(), {"method.replay_size": 0})
     cfg, (note,) = adapt(given, [teacher("resnet8")])  # validated: a twin without a memory is refused
-    assert cfg.method.replay_size == 0 and cfg.method.replay_pen_width == 0
-    assert "method.replay_pen_width stays 0: method.replay_size=0 keeps no memory" in note
-    assert adapt(ExperimentConfig(), [teacher("resnet8")])[0].method.replay_pen_width == 1.0
+    assert cfg.method.replay_size == 0 and cfg.method.replay_pen_width == cfg.method.replay_elastic == 0
+    for key in ("method.replay_pen_width", "method.replay_elastic"):
+        assert f"{key} stays 0: method.replay_size=0 keeps no memory" in note
+    kept = adapt(ExperimentConfig(), [teacher("resnet8")])[0].method
+    assert kept.replay_pen_width == 1.0 and kept.replay_elastic == 34.0
 
 
 def test_twins_asked_of_a_game_without_a_memory_are_one_line_naming_both_settings(tiny, tmp_path, run_of):
@@ -134,6 +137,8 @@ def test_twins_asked_of_a_game_without_a_memory_are_one_line_naming_both_setting
         DfkdError, match=r"^method.replay_pen_width=0.5 draws twins .* method.replay_size is 0; set"
     ):
         run_of(tiny(method={"replay_pen_width": 0.5}), tmp_path / "plain")
+    with pytest.raises(DfkdError, match=r"^method.replay_elastic=34 draws twins .* or method.replay_elastic=0$"):
+        run_of(tiny(method={"replay_elastic": 34}), tmp_path / "warped")
 
 
 def test_a_student_as_costly_as_its_teacher_gets_fewer_steps_and_a_small_one_keeps_all():
@@ -187,7 +192,7 @@ def test_teachers_without_batchnorm_get_the_jitter_and_the_input_prior():
         assert cfg == with_settings(ExperimentConfig(), PLAIN_GAME)
         assert cfg.method.priors == {"input_kl": 1.0} and cfg.method.generator_shift == 2
         assert not cfg.generator.conditional and cfg.method.replay_size == 0, "no part of the BatchNorm game"
-        assert cfg.method.replay_pen_width == 0
+        assert cfg.method.replay_pen_width == cfg.method.replay_elastic == 0
         assert note.startswith("the teacher has no BatchNorm layers: the plain game with jitter")
         overrides = note.split(": ", 2)[2].split(";")[0].split(" ")
         assert load_config(None, overrides) == cfg

@@ -130,6 +130,42 @@ def test_random_pen_width_blends_each_image_toward_its_dilation_or_erosion():
     assert torch.equal(random_pen_width(x, 0.0, torch.Generator().manual_seed(0)), x)
 
 
+def test_gaussian_blur_is_a_normalized_gaussian_per_channel():
+    from dfkd.augment import gaussian_blur
+
+    x = torch.zeros(1, 2, 21, 21)
+    x[0, 0, 10, 10] = 1.0  # an impulse in the first channel, the second dark
+    out = gaussian_blur(x, 2.0)
+    t = torch.arange(-4, 5, dtype=torch.float32)
+    k = torch.exp(-(t**2) / 8)
+    k = k / k.sum()
+    assert torch.allclose(out[0, 0, 6:15, 6:15], k[:, None] * k[None, :], atol=1e-7)
+    assert torch.allclose(out[0, 0].sum(), torch.tensor(1.0)) and bool((out[0, 1] == 0).all())
+    noise = 2 * torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(0)) - 1
+    blurred = gaussian_blur(noise, 2.0)
+    assert float(blurred[:, :, 0].std()) < float(blurred[:, :, 8].std()), "zeros beyond the border"
+
+
+def test_random_elastic_moves_each_pixel_by_its_images_own_blurred_noise():
+    from dfkd.augment import gaussian_blur, random_elastic
+
+    # on a ramp that rises one per column, bilinear sampling reads back the horizontal shift itself
+    n, h, w, alpha = 6, 24, 24, 34.0
+    ramp = torch.arange(w, dtype=torch.float32).expand(n, 1, h, w).contiguous()
+    out = random_elastic(ramp, alpha, torch.Generator().manual_seed(5))
+    noise = 2 * torch.rand(n, 2, h, w, generator=torch.Generator().manual_seed(5)) - 1
+    dx = alpha * gaussian_blur(noise, 4.0)[:, 0]
+    inside = (slice(None), slice(3, -3), slice(3, -3))  # where no shift reaches past a border
+    assert torch.allclose((out[:, 0] - ramp[:, 0])[inside], dx[inside], atol=1e-4)
+    assert 0.6 < float(dx.abs().mean()) < 1.8, "34 moves a pixel by about one"
+    assert not torch.allclose(dx[0], dx[1]), "each image its own field"
+    assert float((dx[:, :, 1:] - dx[:, :, :-1]).abs().mean()) < 0.2 * float(dx.abs().mean()), "smooth"
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(random_elastic(x, 0.0, torch.Generator().manual_seed(0)), x, atol=1e-6)
+    flat = torch.full((3, 1, 8, 8), -0.4)
+    assert torch.allclose(random_elastic(flat, alpha, torch.Generator().manual_seed(0)), flat)
+
+
 def test_a_memory_restored_onto_a_device_lives_there():
     # a checkpoint is read onto the CPU; a run on an accelerator restores its memory onto its own
     # device ("meta" stands in for one here)
