@@ -104,8 +104,8 @@ def random_elastic(
 ) -> torch.Tensor:
     """Each image warped by its own smooth random displacement field (Simard et al., 2003): uniform
     noise in [-1, 1] per pixel and axis, blurred by a Gaussian of `sigma` pixels, times `alpha`
-    pixels (at sigma 4 a pixel moves by about alpha / 30 along each axis, on average). Bilinear, borders replicated,
-    sampled in float32 whatever the autocast."""
+    pixels (at sigma 4 a pixel moves by about alpha / 30 along each axis, on average). Bilinear,
+    borders replicated, sampled in float32 whatever the autocast."""
     n, _, h, w = x.shape
     noise = (2 * torch.rand(n, 2, h, w, generator=generator) - 1).to(x.device)
     with torch.autocast(x.device.type, enabled=False):

@@ -2,10 +2,11 @@
 
 Source: the generator step's own batch and teacher logits (`reuse_samples`), a replay memory of
 past batches (`replay_size`; each stored with its twin drawn by another pen and hand, which the
-teacher labels, under `replay_pen_width` and `replay_elastic`), or a fresh batch from the generator. Then the averaged generator's
-share of the batch (`generator_ema`, MAD), then augmentations (`student_shift`, `student_flip`,
-`student_mixup`), which the teacher relabels. Every draw uses the run's latent generator, so a
-resumed run draws what the uninterrupted one would have.
+teacher labels, under `replay_pen_width` and `replay_elastic`), or a fresh batch from the
+generator. Then the averaged generator's share of the batch (`generator_ema`, MAD), then
+augmentations (`student_shift`, `student_flip`, `student_mixup`), which the teacher relabels.
+Every draw uses the run's latent generator, so a resumed run draws what the uninterrupted one would
+have.
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ CONTRAST = {"method": {"contrast": 0.8, "contrast_bank": 40}, "teacher": {"arch"
     [
         {"method": {"reuse_samples": True}},
         {"method": {"replay_size": 40}},
-        {"method": {"replay_size": 40, "replay_pen_width": 1.0}},  # the twins draw from the run's RNG
+        # the twins draw from the run's RNG
+        {"method": {"replay_size": 40, "replay_pen_width": 1.0, "replay_elastic": 34.0}},
         {"method": {"generator_ema": 0.9}},
         CONTRAST,
         {"method": {"meta_generator": "fomaml", "n_generator_steps": 2}},
