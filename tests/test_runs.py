@@ -91,7 +91,7 @@ def test_demo_student_reaches_95_percent_of_teacher(tmp_path):
 # two generators taking turns 0.927 (480 s beside two other runs, 2026-12-06); with the student on
 # SGD (fa386ab) 0.948 (312 s beside another run, 2026-12-07, 8e5ebcf); with the replay memory's
 # pen-width twins this guard read 0.965 (238 s alone on both cores of the AVX512-BF16 CPU,
-# 2026-12-07, 4d7ac1e), with their elastic warp 0.968 (237 s, the same, 2026-12-08, c73dd10). The
+# 2026-12-07, 4d7ac1e), with their elastic warp 0.968 (237 s, the same, 2026-12-08, 048012e). The
 # guard fails when the adaptation is lost or falls back to that earlier
 # game.
 RESNET8_ITERATIONS, RESNET8_MIN_RATIO = 600, 0.8
