@@ -27,7 +27,7 @@ field), so the memory spans about 78 iterations: a student taught by the generat
 reads digits of another pen width far worse than its teacher does (a WRN-16-1's student 66-79 % on
 the test digits' dilation, where the teacher reads 94 %); with the pen's twins it reads them 3 to 13
 points better and the plain digits about a point better (0.941 of the teacher over four seeds,
-against 0.932), and with the warp as well 0.955 over eight runs, six of them above 0.95 (ResNet-8
+against 0.932), and with the warp as well 0.957 over six seeds, four of them above 0.95 (ResNet-8
 0.946 -> 0.971). Two generators take turns, one an
 iteration, each with its own weights and optimizer, both filling the one memory: half the images of
 each of two generators teach more than all the images of either (ResNet-8 0.906 -> 0.937 of the
