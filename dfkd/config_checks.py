@@ -30,13 +30,17 @@ def _check_finite(node: Any, prefix: str = "") -> None:
         raise DfkdError(f"{prefix} must be a finite number, got {node}")
 
 
+# The method settings that shape the replay memory's twins: each needs a memory.
+TWIN_SETTINGS = ("replay_pen_width", "replay_elastic")
+
+
 def check_adapted(cfg: ExperimentConfig) -> None:
     """What the game needs of the rest of the config, checked once the recipe has adapted it
     (dfkd.loop.Run): the recipe may supply it (a replay memory, for one)."""
     check_priors(cfg, "extra_priors")
-    m = cfg.method
-    for key, value in {"replay_pen_width": m.replay_pen_width, "replay_elastic": m.replay_elastic}.items():
-        if value and not m.replay_size:
+    for key in TWIN_SETTINGS:
+        value = getattr(cfg.method, key)
+        if value and not cfg.method.replay_size:
             raise DfkdError(
                 f"method.{key}={value:g} draws twins of the batches the replay memory stores, but "
                 f"method.replay_size is 0; set method.replay_size or method.{key}=0"

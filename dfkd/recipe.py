@@ -58,7 +58,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dfkd.config import ExperimentConfig
-from dfkd.config_checks import one_generator_options
+from dfkd.config_checks import TWIN_SETTINGS, one_generator_options
 from dfkd.configfile import as_override, config_to_dict, with_settings
 from dfkd.features import batchnorm_layers, device_of, evaluating
 from dfkd.game import generator_for
@@ -91,8 +91,6 @@ BATCHNORM_GAME: dict[str, Any] = {
     "student_optim.warmup": 50,
     "train.batch_size": 128,
 }
-# What shapes the replay memory's twins: nothing without a memory.
-TWIN_SETTINGS = ("method.replay_pen_width", "method.replay_elastic")
 
 
 # The plain game for teachers without BatchNorm, measured on MNIST-5k (runs/RESULTS.md, "Teachers
@@ -227,7 +225,7 @@ def adapt_to_teachers(
         del changes["method.n_generators"]
         reasons.append(f"method.n_generators stays 1: {', '.join(alone)} follows one generator")
     if not with_settings(cfg, changes).method.replay_size:
-        for key in [k for k in TWIN_SETTINGS if k in changes]:
+        for key in [f"method.{k}" for k in TWIN_SETTINGS if f"method.{k}" in changes]:
             del changes[key]
             reasons.append(f"{key} stays 0: method.replay_size=0 keeps no memory")
     if "method.n_student_steps" in changes:
